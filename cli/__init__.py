@@ -1,0 +1,1 @@
+"""The ``fedscale`` command line. Installed as ``fedscale.cli``."""

@@ -1,0 +1,341 @@
+"""The ``fedscale`` command line: ``simulate``, ``server``, ``edge-client``.
+
+This is the top layer: it may import every package; nothing imports it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from fedscale import __version__
+from fedscale.exceptions import FedscaleError
+from fedscale.settings import RunSettings
+
+from .progress import RoundProgress, install_round_handler, print_summary
+
+__all__ = ["app", "run"]
+
+console = Console(stderr=True)
+stdout = Console()
+app = typer.Typer(
+    name="fedscale",
+    help="Federated and edge learning on Flower: simulate, serve, train at the edge.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+)
+_D = RunSettings()
+
+# Options shared by `simulate` and `server` (the run's settings).
+Rounds = Annotated[int, typer.Option("--rounds", help="Federated rounds.")]
+PerRound = Annotated[int, typer.Option("--per-round", help="Clients sampled per round.")]
+DatasetOpt = Annotated[
+    str,
+    typer.Option(help="digits, mnist5k, a .npz/.csv path, or MODULE:ATTR returning arrays."),
+]
+PartitionOpt = Annotated[str, typer.Option(help="iid, dirichlet:<alpha> or shards:<k>.")]
+ModelOpt = Annotated[str, typer.Option(help="mlp, cnn, or MODULE:ATTR (a model factory).")]
+LocalEpochs = Annotated[int, typer.Option(help="Local epochs per round.")]
+BatchSize = Annotated[int, typer.Option(help="Local minibatch size.")]
+LearningRate = Annotated[float, typer.Option("--lr", help="Local SGD learning rate.")]
+Seed = Annotated[int, typer.Option(help="Seed for data split, partitions, init, sampling.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda[:N], mps.")]
+OutOpt = Annotated[
+    Path | None, typer.Option(help="Run folder [default: runs/<dataset>-<model>-<time>].")
+]
+FractionEvaluate = Annotated[
+    float, typer.Option(help="Fraction of clients that also evaluate each round.")
+]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's own logs.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        stdout.print(f"fedscale {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Fedscale: federated and edge learning on Flower."""
+
+
+@app.command()
+def simulate(
+    clients: Annotated[int, typer.Option(help="Virtual clients in the federation.")] = 100,
+    per_round: PerRound = _D.clients_per_round,
+    rounds: Rounds = _D.num_rounds,
+    dataset: DatasetOpt = _D.dataset,
+    partition: PartitionOpt = _D.partition,
+    model: ModelOpt = _D.model,
+    local_epochs: LocalEpochs = _D.local_epochs,
+    batch_size: BatchSize = _D.batch_size,
+    lr: LearningRate = _D.lr,
+    engine: Annotated[
+        str, typer.Option(help="inprocess (fedscale's engine) or ray (Flower's).")
+    ] = "inprocess",
+    ray_address: Annotated[
+        str | None, typer.Option(help="With --engine ray: a running Ray cluster's address.")
+    ] = None,
+    seed: Seed = _D.seed,
+    device: DeviceOpt = _D.device,
+    fraction_evaluate: FractionEvaluate = _D.fraction_evaluate,
+    out: OutOpt = None,
+    server_app: Annotated[
+        str | None, typer.Option(help="Run a third-party ServerApp (MODULE:ATTR) instead.")
+    ] = None,
+    client_app: Annotated[
+        str | None, typer.Option(help="Run a third-party ClientApp (MODULE:ATTR) instead.")
+    ] = None,
+    run_config: Annotated[
+        str | None,
+        typer.Option(help="Run config for third-party apps: 'key=value key2=value2'."),
+    ] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Simulate a federation on this machine (in-process by default, or on Ray)."""
+    _setup_logging(verbose)
+    with _errors():
+        if server_app or client_app or run_config:
+            _simulate_third_party(server_app, client_app, run_config, clients, engine, ray_address)
+            return
+        from fedscale.simulations import simulate as run_simulation
+
+        settings = RunSettings(
+            num_rounds=rounds,
+            clients_per_round=per_round,
+            dataset=dataset,
+            partition=partition,
+            model=model,
+            local_epochs=local_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            device=device,
+            fraction_evaluate=fraction_evaluate,
+            out=str(out.absolute()) if out else "",
+        )
+        with RoundProgress(console, total=settings.num_rounds) as progress:
+            install_round_handler(progress.update)
+            result = run_simulation(
+                settings,
+                clients=clients,
+                engine=_engine(engine),
+                ray_address=ray_address,
+            )
+        print_summary(stdout, result.rounds, result.run_dir.path)
+
+
+@app.command()
+def server(
+    host: Annotated[str, typer.Option(help="Address the SuperLink listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the SuperLink (SuperNodes connect here).")] = 8000,
+    insecure: Annotated[
+        bool, typer.Option(help="Allow plaintext on a non-loopback address.")
+    ] = False,
+    min_clients: Annotated[
+        int, typer.Option(help="SuperNodes to wait for before round 1.")
+    ] = _D.min_clients,
+    per_round: PerRound = _D.clients_per_round,
+    rounds: Rounds = _D.num_rounds,
+    dataset: DatasetOpt = _D.dataset,
+    partition: PartitionOpt = _D.partition,
+    model: ModelOpt = _D.model,
+    local_epochs: LocalEpochs = _D.local_epochs,
+    batch_size: BatchSize = _D.batch_size,
+    lr: LearningRate = _D.lr,
+    seed: Seed = _D.seed,
+    device: DeviceOpt = _D.device,
+    fraction_evaluate: FractionEvaluate = _D.fraction_evaluate,
+    round_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for replies (and for SuperNodes).")
+    ] = _D.round_timeout,
+    out: OutOpt = None,
+    verbose: Verbose = False,
+) -> None:
+    """Start a Flower SuperLink and run fedscale's ServerApp on it."""
+    _setup_logging(verbose)
+    _exit_on_sigterm()
+    with _errors():
+        from fedscale.server.app import default_run_dir
+        from fedscale.server.launcher import ServerOptions, serve_federation
+
+        options = ServerOptions(host=host, port=port, insecure=insecure)
+        settings = RunSettings(
+            num_rounds=rounds,
+            clients_per_round=per_round,
+            min_clients=min_clients,
+            dataset=dataset,
+            partition=partition,
+            model=model,
+            local_epochs=local_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            device=device,
+            fraction_evaluate=fraction_evaluate,
+            round_timeout=round_timeout,
+        )
+        run_dir = out.absolute() if out else default_run_dir(settings)
+        settings = settings.replace(out=str(run_dir))
+        console.print(
+            f"SuperLink on {host}:{port}; waiting for {min_clients} SuperNodes "
+            f"(fedscale edge-client --server {options.connect_host}:{port} ...)"
+        )
+        with RoundProgress(console, total=settings.num_rounds) as progress:
+            result = serve_federation(settings, options, on_round=progress.update)
+        print_summary(stdout, result.read_metrics(), result.path)
+
+
+@app.command("edge-client")
+def edge_client(
+    server: Annotated[str, typer.Option(help="The server's SuperLink, HOST:PORT.")],
+    partition_id: Annotated[
+        int | None, typer.Option(help="Demo federation: this node's partition.")
+    ] = None,
+    num_partitions: Annotated[
+        int | None, typer.Option(help="Demo federation: number of partitions.")
+    ] = None,
+    data_path: Annotated[
+        Path | None, typer.Option(help="This device's own data (.npz with x, y, or .csv).")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="Train on auto, cpu, cuda[:N] or mps [default: run's].")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Local port for the SuperNode's ClientApp API [default: free].")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="Allow plaintext to a non-loopback server.")
+    ] = False,
+    max_wait_time: Annotated[
+        float | None, typer.Option(help="Give up if the server is unreachable this long (s).")
+    ] = None,
+) -> None:
+    """Start a Flower SuperNode that trains with fedscale's ClientApp."""
+    _exit_on_sigterm()
+    with _errors():
+        from fedscale.edge_client.supernode import EdgeClientOptions, supernode_argv
+        from fedscale.processes import free_port, start, stop
+
+        options = EdgeClientOptions(
+            server=server,
+            clientappio_port=port or free_port(),
+            partition_id=partition_id,
+            num_partitions=num_partitions,
+            data_path=str(data_path) if data_path else None,
+            device=device,
+            insecure=insecure,
+            max_wait_time=max_wait_time,
+        )
+        console.print(f"SuperNode -> {server}, node config {options.node_config}")
+        # Same process group as this command: stopping one stops both.
+        process = start(supernode_argv(options), new_session=False)
+        try:
+            code = process.wait()
+        finally:
+            stop(process)
+        raise typer.Exit(code)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _simulate_third_party(
+    server_app: str | None,
+    client_app: str | None,
+    run_config: str | None,
+    clients: int,
+    engine: str,
+    ray_address: str | None,
+) -> None:
+    from flwr.common.config import parse_config_args
+
+    from fedscale.exceptions import ConfigError
+    from fedscale.simulations import run_apps
+
+    if not (server_app and client_app):
+        raise ConfigError(
+            "third-party apps: expected both --server-app and --client-app (MODULE:ATTR)"
+        )
+    try:
+        config = parse_config_args([run_config]) if run_config else {}
+    except ValueError as err:
+        raise ConfigError(f"--run-config: expected 'key=value ...', got {run_config!r}: {err}") from err
+    # Like `flwr run`, import the user's modules from the current directory.
+    sys.path.insert(0, os.getcwd())
+    run_apps(
+        server_app,
+        client_app,
+        clients=clients,
+        run_config=config,
+        engine=_engine(engine),
+        ray_address=ray_address,
+    )
+    stdout.print(f"run finished: {server_app} with {clients} clients of {client_app}")
+
+
+def _engine(name: str) -> Any:
+    from fedscale.exceptions import ConfigError
+
+    if name not in ("inprocess", "ray"):
+        raise ConfigError(f"--engine: expected inprocess or ray, got {name!r}")
+    return name
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    handler = RichHandler(console=console, show_path=False, show_time=False)
+    handler.setLevel(logging.INFO if verbose else logging.WARNING)
+    root = logging.getLogger("fedscale")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)  # round records reach the progress bar; the handler filters
+    root.propagate = False
+    import flwr  # noqa: F401 - Flower sets up its logger on import; quiet it after
+
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _exit_on_sigterm() -> None:
+    # SIGTERM unwinds like Ctrl-C, so the `finally` blocks stop child processes.
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+class _errors:
+    """Turn fedscale errors into one red line and exit code 2."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if isinstance(exc, FedscaleError):
+            console.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(2)
+        if isinstance(exc, KeyboardInterrupt):
+            console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130)
+        return False
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,113 @@
+"""fedscale's ClientApp: train and evaluate the global model on a node's own data.
+
+The same ClientApp runs on every runtime: on a SuperNode at the edge, in Flower's
+Ray simulation, and in fedscale's in-process engine. What it trains on comes from
+the node's ``node_config`` (see :mod:`fedscale.node_data`); the run's settings
+come from the run config, and per-round values (learning rate, local epochs,
+batch size) from the server's ``config`` record, so a server may change them
+between rounds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedscale.exceptions import DataError, RecordError
+from fedscale.models import build_model
+from fedscale.node_data import NodeData, node_data, node_device_name
+from fedscale.records import load_arrays_into, state_dict_to_arrays
+from fedscale.settings import RunSettings
+from fedscale.training import evaluate, resolve_device, train
+
+__all__ = ["app"]
+
+app = ClientApp()
+
+
+@app.train()
+def train_handler(msg: Message, context: Context) -> Message:
+    """Train the received global model for the configured local epochs."""
+    settings = RunSettings.from_run_config(context.run_config)
+    config = _config(msg)
+    data = node_data(settings, context.node_config)
+    device = resolve_device(node_device_name(settings, context.node_config))
+    model = _global_model(msg, settings, config, data)
+    result = train(
+        model,
+        data.x_train,
+        data.y_train,
+        epochs=int(config.get("local-epochs", settings.local_epochs)),
+        batch_size=int(config.get("batch-size", settings.batch_size)),
+        lr=float(config.get("lr", settings.lr)),
+        device=device,
+        seed=_shuffle_seed(settings, config, context),
+    )
+    reply = RecordDict(
+        {
+            "arrays": state_dict_to_arrays(model.state_dict()),
+            "metrics": MetricRecord(
+                {"num-examples": result.num_examples, "train-loss": result.loss}
+            ),
+        }
+    )
+    return Message(reply, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on the node's evaluation data."""
+    settings = RunSettings.from_run_config(context.run_config)
+    config = _config(msg)
+    data = node_data(settings, context.node_config)
+    device = resolve_device(node_device_name(settings, context.node_config))
+    model = _global_model(msg, settings, config, data)
+    result = evaluate(model, data.x_eval, data.y_eval, device=device)
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "eval-loss": result.loss,
+            "eval-accuracy": result.accuracy,
+        }
+    )
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _config(msg: Message) -> ConfigRecord:
+    records = msg.content.config_records
+    return next(iter(records.values())) if records else ConfigRecord()
+
+
+def _global_model(
+    msg: Message, settings: RunSettings, config: ConfigRecord, data: NodeData
+) -> object:
+    arrays = msg.content.array_records
+    if len(arrays) != 1:
+        raise RecordError(
+            f"message: expected one ArrayRecord holding the global model, got {len(arrays)}"
+        )
+    num_classes = int(config.get("num-classes", 0))
+    if num_classes < 1:
+        raise RecordError(
+            f"config: expected 'num-classes' >= 1 from the server, got {config.get('num-classes')!r}"
+        )
+    labels_max = int(data.y_train.max())
+    if labels_max >= num_classes:
+        raise DataError(
+            f"{data.source}: expected labels below {num_classes} (the global model's "
+            f"classes), got label {labels_max}"
+        )
+    record: ArrayRecord = next(iter(arrays.values()))
+    model = build_model(settings.model, tuple(data.x_train.shape[1:]), num_classes)
+    load_arrays_into(model, record)
+    return model
+
+
+def _shuffle_seed(settings: RunSettings, config: ConfigRecord, context: Context) -> int:
+    # The same run, round and partition shuffle alike on every runtime (node ids
+    # differ between runtimes, partition ids do not).
+    who = context.node_config.get("partition-id", context.node_id)
+    server_round = int(config.get("server-round", 0))
+    state = np.random.SeedSequence([settings.seed, server_round, int(who)])
+    return int(state.generate_state(1)[0])

@@ -1,0 +1,61 @@
+"""The exceptions fedscale raises.
+
+Every message says what was expected and what arrived. The tree::
+
+    FedscaleError
+    ├── ConfigError            a setting, run-config value or CLI option is invalid
+    │   └── PartitionError     a partition scheme cannot be applied to the data
+    ├── DataError              a dataset is missing, unreadable or inconsistent
+    ├── ModelError             a model name or factory is unknown or broken
+    ├── DeviceError            the requested compute device is not available
+    ├── RecordError            arrays do not match the model they are loaded into
+    └── LaunchError            a SuperLink, SuperNode or simulation failed to start
+
+``ConfigError``, ``DataError``, ``ModelError`` and ``RecordError`` also derive
+from ``ValueError`` so that callers who catch the built-in keep working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "DeviceError",
+    "FedscaleError",
+    "LaunchError",
+    "ModelError",
+    "PartitionError",
+    "RecordError",
+]
+
+
+class FedscaleError(Exception):
+    """Base class of every error fedscale raises on purpose."""
+
+
+class ConfigError(FedscaleError, ValueError):
+    """A setting, run-config value or command-line option is invalid."""
+
+
+class PartitionError(ConfigError):
+    """A partition scheme cannot be applied to the data it was given."""
+
+
+class DataError(FedscaleError, ValueError):
+    """A dataset is missing, unreadable or inconsistent."""
+
+
+class ModelError(FedscaleError, ValueError):
+    """A model name or model factory is unknown or returns the wrong thing."""
+
+
+class DeviceError(FedscaleError):
+    """The requested compute device is not available on this machine."""
+
+
+class RecordError(FedscaleError, ValueError):
+    """Arrays do not match the model they are loaded into."""
+
+
+class LaunchError(FedscaleError):
+    """A SuperLink, SuperNode or simulation runtime failed to start."""

@@ -1,0 +1,206 @@
+"""Start and stop the Flower processes fedscale runs (SuperLink, SuperNode, flwr).
+
+Each process starts in its own session, so that it and every child it spawns
+(Flower runs each ServerApp and ClientApp in a subprocess) form one process group
+that :func:`stop` ends by the leader's PID.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO
+
+from .exceptions import LaunchError
+
+__all__ = [
+    "flower_executable",
+    "free_port",
+    "is_loopback",
+    "split_address",
+    "start",
+    "stop",
+    "wait_for_port",
+]
+
+
+def flower_executable(name: str) -> str:
+    """Path of a Flower command (``flower-superlink``, ``flwr``, ...) of this Python."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if not found:
+        raise LaunchError(
+            f"expected Flower's {name!r} command beside {sys.executable} or on PATH, "
+            "found neither; pip install 'fedscale[train]'"
+        )
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def split_address(address: str, default_port: int | None = None) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (or ``[v6]:PORT``); ``HOST`` alone takes ``default_port``."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "]" in port:
+        host, port = address, ""
+    host = host.strip("[]")
+    if not port and default_port is not None:
+        return host, default_port
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise LaunchError(f"address: expected HOST:PORT with a port in 1-65535, got {address!r}")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (127.0.0.0/8, ::1, localhost)."""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def start(
+    argv: Sequence[str],
+    *,
+    log_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    new_session: bool = True,
+) -> subprocess.Popen[bytes]:
+    """Start ``argv``, by default as the leader of a new process group.
+
+    With ``log_file`` its output goes there, else to this process's output. With
+    ``new_session=False`` it stays in this process's group, so that whoever
+    stops this process's group stops it too.
+    """
+    out: IO[bytes] | None = None
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        out = open(log_file, "ab")  # noqa: SIM115 - handed to the child, closed below
+    try:
+        return subprocess.Popen(
+            list(argv),
+            stdout=out,
+            stderr=subprocess.STDOUT if out is not None else None,
+            stdin=subprocess.DEVNULL,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=new_session,
+        )
+    except OSError as err:
+        raise LaunchError(f"could not start {argv[0]}: {err}") from err
+    finally:
+        if out is not None:
+            out.close()
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 10.0) -> int | None:
+    """Stop a process started by :func:`start`, and what it started, by PID.
+
+    A group leader is stopped with its whole process group; any other process
+    with its descendants. SIGTERM first, SIGKILL to whatever is left after
+    ``timeout`` seconds. Returns the process's exit code.
+    """
+    pid = process.pid
+    leader = process.poll() is None and _pgid(pid) == pid
+    pids = [] if leader else [pid, *_descendants(pid)]
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        _signal(pid, pids, leader, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and _alive(process, pids, leader):
+            time.sleep(0.05)
+        if not _alive(process, pids, leader):
+            break
+    try:
+        return process.wait(timeout=5.0)
+    except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
+        return None
+
+
+def _signal(pid: int, pids: list[int], leader: bool, sig: int) -> None:
+    targets = [pid] if leader else pids
+    for target in targets:
+        try:
+            if leader:
+                os.killpg(target, sig)
+            else:
+                os.kill(target, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _alive(process: subprocess.Popen[bytes], pids: list[int], leader: bool) -> bool:
+    process.poll()  # reap our own child
+    table = _process_table()
+    if leader:
+        return any(pgrp == process.pid for pgrp, _ in table.values())
+    return any(p in table for p in pids)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _descendants(pid: int) -> list[int]:
+    table = _process_table()
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [p for p, (_, ppid) in table.items() if ppid == parent]
+        found += children
+        frontier += children
+    return found
+
+
+def _process_table() -> dict[int, tuple[int, int]]:
+    """Running processes (not zombies) as ``pid -> (pgrp, ppid)``; Linux /proc."""
+    table: dict[int, tuple[int, int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        # Zombies (orphans nobody reaps, as in many containers) no longer run.
+        if state != "Z":
+            table[int(stat.parent.name)] = (int(pgrp), int(ppid))
+    return table
+
+
+def wait_for_port(
+    host: str,
+    port: int,
+    *,
+    timeout: float,
+    process: subprocess.Popen[bytes] | None = None,
+    what: str = "server",
+    log_file: Path | None = None,
+) -> None:
+    """Wait until ``host:port`` accepts TCP connections, or fail clearly."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise LaunchError(
+                f"{what} exited with code {process.returncode} before listening on "
+                f"{host}:{port}" + (f"; see {log_file}" if log_file else "")
+            )
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.1)
+    raise LaunchError(
+        f"expected {what} to listen on {host}:{port} within {timeout:g} s; it did not"
+        + (f"; see {log_file}" if log_file else "")
+    )

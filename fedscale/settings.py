@@ -1,0 +1,160 @@
+"""The settings of a fedscale run, as one typed and validated dataclass.
+
+Flower hands apps their run configuration as a flat mapping with kebab-case keys
+(``[tool.flwr.app.config]`` in ``pyproject.toml`` plus ``--run-config``
+overrides). :class:`RunSettings` is the single place that mapping is parsed and
+checked; everything else takes a ``RunSettings``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .exceptions import ConfigError
+from .partition import parse_scheme
+
+__all__ = ["RunSettings", "parse_device_name"]
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def parse_device_name(name: str) -> str:
+    """Check a device name's syntax: ``auto``, ``cpu``, ``mps``, ``cuda`` or ``cuda:N``."""
+    if not isinstance(name, str) or not _DEVICE_RE.match(name):
+        raise ConfigError(
+            f"device: expected one of auto, cpu, cuda, cuda:N, mps; got {name!r}"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything the fedscale ServerApp and ClientApp need to know about a run.
+
+    The defaults are the embedded default job: ``fedscale simulate`` with no options.
+    """
+
+    num_rounds: int = 100
+    clients_per_round: int = 10
+    min_clients: int = 2
+    fraction_evaluate: float = 0.0
+    round_timeout: float = 600.0
+    local_epochs: int = 5
+    batch_size: int = 16
+    lr: float = 0.1
+    seed: int = 0
+    dataset: str = "digits"
+    label_column: str = "label"
+    test_fraction: float = 0.2
+    partition: str = "iid"
+    allow_duplicate_samples: bool = False
+    model: str = "mlp"
+    device: str = "auto"
+    out: str = ""
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            expected = _FIELD_TYPES[field.name]
+            # bool is an int subclass: refuse it where a number is expected.
+            wrong_bool = isinstance(value, bool) and expected is not bool
+            if wrong_bool or not isinstance(value, expected):
+                raise ConfigError(
+                    f"{_key(field.name)}: expected {expected.__name__}, "
+                    f"got {value!r} ({type(value).__name__})"
+                )
+        _check(self.num_rounds >= 1, "num-rounds", "an integer >= 1", self.num_rounds)
+        _check(
+            self.clients_per_round >= 1,
+            "clients-per-round",
+            "an integer >= 1",
+            self.clients_per_round,
+        )
+        _check(self.min_clients >= 1, "min-clients", "an integer >= 1", self.min_clients)
+        _check(
+            0.0 <= self.fraction_evaluate <= 1.0,
+            "fraction-evaluate",
+            "a number in [0, 1]",
+            self.fraction_evaluate,
+        )
+        _check(self.round_timeout > 0, "round-timeout", "seconds > 0", self.round_timeout)
+        _check(self.local_epochs >= 1, "local-epochs", "an integer >= 1", self.local_epochs)
+        _check(self.batch_size >= 1, "batch-size", "an integer >= 1", self.batch_size)
+        _check(self.lr > 0, "lr", "a learning rate > 0", self.lr)
+        _check(
+            0.0 < self.test_fraction < 1.0,
+            "test-fraction",
+            "a number in (0, 1)",
+            self.test_fraction,
+        )
+        _check(bool(self.dataset), "dataset", "a dataset name or path", self.dataset)
+        _check(bool(self.model), "model", "a model name or MODULE:ATTR", self.model)
+        parse_scheme(self.partition)
+        parse_device_name(self.device)
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
+        """Build settings from a Flower run config (kebab-case keys).
+
+        Keys that are absent keep their defaults; unknown keys are an error that
+        lists the valid ones.
+        """
+        valid = {_key(f.name): f.name for f in fields(cls)}
+        unknown = sorted(set(run_config) - set(valid))
+        if unknown:
+            raise ConfigError(
+                f"unknown run-config key(s) {', '.join(unknown)}; "
+                f"valid keys are: {', '.join(sorted(valid))}"
+            )
+        kwargs = {valid[k]: _coerce(valid[k], v) for k, v in run_config.items()}
+        return cls(**kwargs)
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """Return the settings as a Flower run config (kebab-case keys)."""
+        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> RunSettings:
+        """Return a copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+_FIELD_TYPES: dict[str, type] = {
+    "num_rounds": int,
+    "clients_per_round": int,
+    "min_clients": int,
+    "fraction_evaluate": float,
+    "round_timeout": float,
+    "local_epochs": int,
+    "batch_size": int,
+    "lr": float,
+    "seed": int,
+    "dataset": str,
+    "label_column": str,
+    "test_fraction": float,
+    "partition": str,
+    "allow_duplicate_samples": bool,
+    "model": str,
+    "device": str,
+    "out": str,
+}
+
+
+def _key(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def _coerce(field_name: str, value: Any) -> Any:
+    # TOML and Flower's --run-config parser give `1` for a float field and
+    # "1" never; accept ints for floats, nothing else.
+    if _FIELD_TYPES[field_name] is float and type(value) is int:
+        return float(value)
+    return value
+
+
+def _check(ok: bool, key: str, expected: str, got: object) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {got!r}")

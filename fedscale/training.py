@@ -1,0 +1,148 @@
+"""Local training and evaluation, and the choice of compute device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from .exceptions import DeviceError
+from .settings import parse_device_name
+
+__all__ = ["EvalResult", "TrainResult", "evaluate", "resolve_device", "train"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one local training run did."""
+
+    loss: float
+    num_examples: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Loss and accuracy of a model on a labelled set."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Return the torch device for ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+
+    ``auto`` picks CUDA, then Apple MPS, then the CPU. Naming a device that is not
+    there is an error, never a silent fallback to the CPU.
+    """
+    parse_device_name(name)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "mps":
+        if not _mps_available():
+            raise DeviceError(
+                "device mps: expected Apple Metal (MPS) support, but this torch build "
+                "or machine has none; use device 'auto' or 'cpu'"
+            )
+        return torch.device("mps")
+    # cuda or cuda:N
+    if not torch.cuda.is_available():
+        build = torch.version.cuda or "none (a CPU-only build)"
+        raise DeviceError(
+            f"device {name}: expected a CUDA GPU, but torch sees none "
+            f"(torch {torch.__version__}, CUDA {build}); use device 'auto' or 'cpu'"
+        )
+    device = torch.device(name)
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise DeviceError(
+            f"device {name}: expected a GPU index below {count}, the number of GPUs here"
+        )
+    return device
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def _as_tensor(array: npt.NDArray[np.generic], device: torch.device) -> torch.Tensor:
+    # Dataset arrays are read-only; torch.from_numpy warns on those, so copy them.
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(array).to(device)
+
+
+def train(
+    model: nn.Module,
+    x: npt.NDArray[np.float32],
+    y: npt.NDArray[np.int64],
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    device: torch.device,
+    seed: int,
+) -> TrainResult:
+    """Train ``model`` in place with minibatch SGD and cross-entropy.
+
+    Batches are shuffled by a generator seeded with ``seed``, so the same inputs
+    give the same weights. The reported loss is the mean over the last epoch.
+    """
+    model.to(device)
+    model.train()
+    inputs = _as_tensor(x, device)
+    targets = _as_tensor(y, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(seed)
+    n = len(inputs)
+    steps = 0
+    epoch_loss = 0.0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator).to(device)
+        epoch_loss = 0.0
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(inputs[idx]), targets[idx])
+            loss.backward()
+            optimizer.step()
+            epoch_loss += float(loss.detach()) * len(idx)
+            steps += 1
+    return TrainResult(loss=epoch_loss / n, num_examples=n, steps=steps)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    x: npt.NDArray[np.float32],
+    y: npt.NDArray[np.int64],
+    *,
+    device: torch.device,
+    batch_size: int = 1024,
+) -> EvalResult:
+    """Return mean cross-entropy loss and accuracy of ``model`` on ``(x, y)``."""
+    model.to(device)
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    total_loss = 0.0
+    correct = 0
+    for start in range(0, len(x), batch_size):
+        inputs = _as_tensor(x[start : start + batch_size], device)
+        targets = _as_tensor(y[start : start + batch_size], device)
+        logits = model(inputs)
+        total_loss += float(loss_fn(logits, targets))
+        correct += int((logits.argmax(dim=1) == targets).sum())
+    n = len(x)
+    return EvalResult(loss=total_loss / n, accuracy=correct / n, num_examples=n)

@@ -1,0 +1,56 @@
+"""fedscale's ServerApp: FedAvg over the run's clients, evaluated on the server.
+
+Runs unchanged on a real SuperLink (``fedscale server``, ``flwr run``), on
+Flower's Ray simulation and on fedscale's in-process engine. Settings come from
+the run config (see :class:`fedscale.settings.RunSettings`).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedscale.settings import RunSettings
+
+from .federation import run_federation
+
+__all__ = ["app", "default_run_dir"]
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation described by the run config."""
+    settings = RunSettings.from_run_config(context.run_config)
+    _log_to_console_unless_configured()
+    run_federation(grid, settings, out=settings.out or default_run_dir(settings))
+
+
+def _log_to_console_unless_configured() -> None:
+    # In a deployment this process is started by the SuperLink and nobody has
+    # set up logging: send fedscale's round lines to stderr, which Flower
+    # streams to `flwr run --stream` and `flwr log`. A front end that set up
+    # logging itself (the CLI, a notebook) keeps its own.
+    logger = logging.getLogger("fedscale")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def default_run_dir(settings: RunSettings, root: str | Path = "runs") -> Path:
+    """``runs/<dataset>-<model>-<UTC timestamp>``, as an absolute path."""
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    name = f"{_slug(settings.dataset)}-{_slug(settings.model)}-{stamp}"
+    return (Path(root) / name).absolute()
+
+
+def _slug(text: str) -> str:
+    tail = Path(text.split(":")[-1]).stem or "custom"
+    return "".join(c if c.isalnum() else "-" for c in tail).strip("-") or "custom"

@@ -1,0 +1,136 @@
+"""The one adapter to the Flower internals the simulation engines lean on.
+
+Flower's runtimes do a few things that no public API exposes: they set the
+process-wide task identity that ``Message(...)`` reads when a strategy builds an
+instruction, they write a message id into a message's read-only metadata, and
+they describe a run with a ``Run`` record. Everything of that kind lives here, so
+a Flower upgrade (pinned ``~=1.42.0``) touches this file only.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+__all__ = [
+    "CLIENT_APP_RAISED_EXCEPTION",
+    "NODE_UNAVAILABLE",
+    "SERVER_NODE_ID",
+    "copy_message_for_delivery",
+    "copy_record_dict",
+    "error_reply",
+    "make_run",
+    "new_run_id",
+    "server_task_identity",
+    "set_message_id",
+]
+
+# Node id of the server side (Flower's SuperLink). 0 means "unset", so virtual
+# client nodes start above both.
+SERVER_NODE_ID = SUPERLINK_NODE_ID
+FIRST_CLIENT_NODE_ID = SUPERLINK_NODE_ID + 1
+CLIENT_APP_RAISED_EXCEPTION = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+NODE_UNAVAILABLE = ErrorCode.NODE_UNAVAILABLE
+_SERVER_TASK_ID = 1
+
+
+def new_run_id() -> int:
+    """A random 63-bit run id, as Flower's SuperLink draws them."""
+    return secrets.randbits(63) or 1
+
+
+def make_run(run_id: int, override_config: dict[str, Any] | None = None) -> Run:
+    """A ``Run`` record for a run that no SuperLink registered."""
+    run = Run.create_empty(run_id=run_id)
+    run.override_config = dict(override_config or {})
+    run.primary_task_id = _SERVER_TASK_ID
+    return run
+
+
+@contextmanager
+def server_task_identity(run_id: int) -> Iterator[None]:
+    """Act as the server task of ``run_id`` while the block runs.
+
+    ``Message(content, dst_node_id, message_type)`` reads the run, node and task
+    ids from Flower's process-wide ``TaskIdentity``; Flower's runtimes set it
+    before they start a ServerApp, and so must ours. The previous identity is put
+    back afterwards.
+    """
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = SERVER_NODE_ID
+    TaskIdentity.task_id = _SERVER_TASK_ID
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def set_message_id(message: Message, message_id: str) -> None:
+    """Give a message its id, as the SuperLink does when it stores one.
+
+    ``Metadata.message_id`` is read-only; Flower's own in-memory grid writes the
+    field directly (flwr/superlink/grid/inmemory_grid.py), and so do we.
+    """
+    message.metadata.__dict__["_message_id"] = message_id
+
+
+def copy_metadata(metadata: Metadata) -> Metadata:
+    """An independent copy of a message's metadata."""
+    clone = Metadata.__new__(Metadata)
+    clone.__dict__.update(metadata.__dict__)
+    return clone
+
+
+def copy_message_for_delivery(message: Message) -> Message:
+    """What a node receives: a copy no other node's edits can reach.
+
+    Flower serialises each message per destination; a strategy hands the same
+    ``RecordDict`` to every node, so passing the object itself would let one
+    node's in-place edit leak into another's. Array bytes are immutable and are
+    shared, not copied.
+    """
+    return Message(content=copy_record_dict(message.content), metadata=copy_metadata(message.metadata))
+
+
+def copy_record_dict(records: RecordDict) -> RecordDict:
+    """Copy a ``RecordDict`` down to its values; array bytes are shared."""
+    out = RecordDict()
+    for key, record in records.items():
+        out[key] = _copy_record(record)
+    return out
+
+
+def _copy_record(record: Any) -> ArrayRecord | MetricRecord | ConfigRecord:
+    if isinstance(record, ArrayRecord):
+        arrays = ArrayRecord()
+        for key, array in record.items():
+            arrays[key] = Array(
+                dtype=array.dtype, shape=tuple(array.shape), stype=array.stype, data=array.data
+            )
+        return arrays
+    values = {k: list(v) if isinstance(v, list) else v for k, v in record.items()}
+    if isinstance(record, MetricRecord):
+        return MetricRecord(values)
+    return ConfigRecord(values)
+
+
+def error_reply(message: Message, code: int, reason: str) -> Message:
+    """A reply to ``message`` that carries an ``Error`` instead of content."""
+    return Message(Error(code=code, reason=reason), reply_to=message)

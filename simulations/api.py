@@ -1,0 +1,136 @@
+"""``simulate``: run a fedscale federation from Python (a notebook, a script)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fedscale.datasets import register_dataset
+from fedscale.exceptions import ConfigError
+from fedscale.loading import load_object
+from fedscale.models import register_model
+from fedscale.node_data import node_data
+from fedscale.runs import RunDirectory
+from fedscale.settings import RunSettings
+
+__all__ = ["Engine", "SimulationResult", "run_apps", "simulate"]
+
+Engine = Literal["inprocess", "ray"]
+ENGINES: tuple[str, ...] = ("inprocess", "ray")
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """A finished simulated federation: its folder and its ``metrics.jsonl`` rows."""
+
+    run_dir: RunDirectory
+    rounds: list[dict[str, Any]]
+
+    @property
+    def final_accuracy(self) -> float:
+        """Test accuracy of the final global model."""
+        return float(self.rounds[-1]["accuracy"])
+
+
+def simulate(
+    settings: RunSettings | None = None,
+    *,
+    clients: int = 100,
+    engine: Engine = "inprocess",
+    ray_address: str | None = None,
+    dataset: str | Callable[[], Any] | None = None,
+    model: str | Callable[..., Any] | None = None,
+    **overrides: Any,
+) -> SimulationResult:
+    """Simulate a federation of ``clients`` nodes running fedscale's apps.
+
+    ``overrides`` are :class:`RunSettings` fields (``num_rounds=5``, ``lr=0.1``,
+    ``partition="dirichlet:0.5"``, ...). ``dataset`` and ``model`` may be given as
+    functions (a function returning ``(x, y)``; a model factory) with the
+    in-process engine.
+    """
+    if dataset is not None:
+        overrides["dataset"] = _register(dataset, engine, register_dataset, "dataset")
+    if model is not None:
+        overrides["model"] = _register(model, engine, register_model, "model")
+    settings = (settings or RunSettings()).replace(**overrides)
+    if clients < 1:
+        raise ConfigError(f"clients: expected an integer >= 1, got {clients}")
+    if settings.clients_per_round > clients:
+        raise ConfigError(
+            f"clients-per-round: expected at most the number of clients ({clients}), "
+            f"got {settings.clients_per_round}"
+        )
+    if not settings.out:
+        from fedscale.server.app import default_run_dir
+
+        settings = settings.replace(out=str(default_run_dir(settings)))
+    # Fail before the run starts if the data cannot be split this way.
+    node_data(settings, {"partition-id": 0, "num-partitions": clients})
+
+    from fedscale.edge_client.app import app as client_app
+    from fedscale.server.app import app as server_app
+
+    run_apps(
+        server_app,
+        client_app,
+        clients=clients,
+        run_config=settings.to_run_config(),
+        engine=engine,
+        ray_address=ray_address,
+    )
+    run_dir = RunDirectory(settings.out)
+    return SimulationResult(run_dir=run_dir, rounds=run_dir.read_metrics())
+
+
+def run_apps(
+    server_app: Any,
+    client_app: Any,
+    *,
+    clients: int,
+    run_config: Mapping[str, Any],
+    engine: Engine = "inprocess",
+    ray_address: str | None = None,
+) -> None:
+    """Run any Flower ServerApp and ClientApp (objects or ``MODULE:ATTR``) together."""
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
+    server = _resolve(server_app, ServerApp, "server app")
+    client = _resolve(client_app, ClientApp, "client app")
+    if engine == "inprocess":
+        from .engine import run_in_process
+
+        run_in_process(server, client, num_nodes=clients, run_config=run_config)
+    elif engine == "ray":
+        from .ray_engine import run_on_ray
+
+        run_on_ray(server, client, num_nodes=clients, run_config=run_config, address=ray_address)
+    else:
+        raise ConfigError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
+
+
+def _resolve(obj: Any, kind: type, what: str) -> Any:
+    if isinstance(obj, str):
+        obj = load_object(obj, what=what)
+    if not isinstance(obj, kind):
+        raise ConfigError(f"{what}: expected a flwr {kind.__name__}, got {type(obj).__name__}")
+    return obj
+
+
+def _register(value: Any, engine: str, register: Callable[[str, Any], None], what: str) -> str:
+    if isinstance(value, str):
+        return value
+    if not callable(value):
+        raise ConfigError(f"{what}: expected a name, MODULE:ATTR or a function, got {value!r}")
+    if engine != "inprocess":
+        raise ConfigError(
+            f"{what}: a function works only with the in-process engine (other "
+            "processes cannot see it); give MODULE:ATTR instead"
+        )
+    name = f"user-{what}-{getattr(value, '__qualname__', 'fn')}-{id(value):x}"
+    register(name, value)
+    return name
+
+

@@ -1,0 +1,46 @@
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from fedscale.exceptions import RecordError
+from fedscale.models import build_model
+from fedscale.records import arrays_to_state_dict, load_arrays_into, state_dict_to_arrays
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.uint8, torch.bool]
+)
+def test_round_trip_is_exact_for_every_numpy_dtype(dtype):
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randn(5, 7, generator=g) * 1000
+    tensor = raw > 0 if dtype is torch.bool else raw.to(dtype)
+    sd = OrderedDict(w=tensor, b=tensor[0].clone(), empty=torch.zeros(0, dtype=dtype), scalar=tensor[0, 0].clone())
+    back = arrays_to_state_dict(state_dict_to_arrays(sd))
+    assert list(back) == list(sd)
+    for key in sd:
+        assert back[key].dtype == sd[key].dtype and back[key].shape == sd[key].shape
+        assert torch.equal(back[key], sd[key])
+
+
+def test_model_round_trip_keeps_every_bit():
+    model = build_model("cnn", (1, 28, 28), 10, seed=0)
+    other = build_model("cnn", (1, 28, 28), 10, seed=1)
+    load_arrays_into(other, state_dict_to_arrays(model.state_dict()))
+    for (k, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_bfloat16_is_refused_not_cast():
+    with pytest.raises(RecordError, match=r"dtype numpy can hold, got torch.bfloat16"):
+        state_dict_to_arrays({"w": torch.zeros(2, dtype=torch.bfloat16)})
+
+
+def test_loading_mismatched_arrays_names_the_difference():
+    mlp = build_model("mlp", (1, 8, 8), 10)
+    wrong_shape = build_model("mlp", (1, 8, 8), 5)
+    with pytest.raises(RecordError, match=r"arrays\['net.3.weight'\]: expected shape \(10, 128\).*got shape \(5, 128\)"):
+        load_arrays_into(mlp, state_dict_to_arrays(wrong_shape.state_dict()))
+    cnn = build_model("cnn", (1, 8, 8), 10)
+    with pytest.raises(RecordError, match=r"missing \['net.1.weight'"):
+        load_arrays_into(mlp, state_dict_to_arrays(cnn.state_dict()))
