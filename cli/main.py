@@ -9,6 +9,8 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -48,9 +50,12 @@ LocalEpochs = Annotated[int, typer.Option(help="Local epochs per round.")]
 BatchSize = Annotated[int, typer.Option(help="Local minibatch size.")]
 LearningRate = Annotated[float, typer.Option("--lr", help="Local SGD learning rate.")]
 Seed = Annotated[int, typer.Option(help="Seed for data split, partitions, init, sampling.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda[:N], mps.")]
+DeviceOpt = Annotated[
+    str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda[:N], mps.")
+]
 OutOpt = Annotated[
-    Path | None, typer.Option(help="Run folder [default: runs/<dataset>-<model>-<time>].")
+    Path | None,
+    typer.Option(help="Run folder [default: runs/<dataset>-<model>-<time>]."),
 ]
 FractionEvaluate = Annotated[
     float, typer.Option(help="Fraction of clients that also evaluate each round.")
@@ -89,17 +94,20 @@ def simulate(
         str, typer.Option(help="inprocess (fedscale's engine) or ray (Flower's).")
     ] = "inprocess",
     ray_address: Annotated[
-        str | None, typer.Option(help="With --engine ray: a running Ray cluster's address.")
+        str | None,
+        typer.Option(help="With --engine ray: a running Ray cluster's address."),
     ] = None,
     seed: Seed = _D.seed,
     device: DeviceOpt = _D.device,
     fraction_evaluate: FractionEvaluate = _D.fraction_evaluate,
     out: OutOpt = None,
     server_app: Annotated[
-        str | None, typer.Option(help="Run a third-party ServerApp (MODULE:ATTR) instead.")
+        str | None,
+        typer.Option(help="Run a third-party ServerApp (MODULE:ATTR) instead."),
     ] = None,
     client_app: Annotated[
-        str | None, typer.Option(help="Run a third-party ClientApp (MODULE:ATTR) instead.")
+        str | None,
+        typer.Option(help="Run a third-party ClientApp (MODULE:ATTR) instead."),
     ] = None,
     run_config: Annotated[
         str | None,
@@ -143,7 +151,9 @@ def simulate(
 @app.command()
 def server(
     host: Annotated[str, typer.Option(help="Address the SuperLink listens on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port of the SuperLink (SuperNodes connect here).")] = 8000,
+    port: Annotated[
+        int, typer.Option(help="Port of the SuperLink (SuperNodes connect here).")
+    ] = 8000,
     insecure: Annotated[
         bool, typer.Option(help="Allow plaintext on a non-loopback address.")
     ] = False,
@@ -211,19 +221,23 @@ def edge_client(
         int | None, typer.Option(help="Demo federation: number of partitions.")
     ] = None,
     data_path: Annotated[
-        Path | None, typer.Option(help="This device's own data (.npz with x, y, or .csv).")
+        Path | None,
+        typer.Option(help="This device's own data (.npz with x, y, or .csv)."),
     ] = None,
     device: Annotated[
-        str | None, typer.Option(help="Train on auto, cpu, cuda[:N] or mps [default: run's].")
+        str | None,
+        typer.Option(help="Train on auto, cpu, cuda[:N] or mps [default: run's]."),
     ] = None,
     port: Annotated[
-        int | None, typer.Option(help="Local port for the SuperNode's ClientApp API [default: free].")
+        int | None,
+        typer.Option(help="Local port for the SuperNode's ClientApp API [default: free]."),
     ] = None,
     insecure: Annotated[
         bool, typer.Option(help="Allow plaintext to a non-loopback server.")
     ] = False,
     max_wait_time: Annotated[
-        float | None, typer.Option(help="Give up if the server is unreachable this long (s).")
+        float | None,
+        typer.Option(help="Give up if the server is unreachable this long (s)."),
     ] = None,
 ) -> None:
     """Start a Flower SuperNode that trains with fedscale's ClientApp."""
@@ -275,7 +289,9 @@ def _simulate_third_party(
     try:
         config = parse_config_args([run_config]) if run_config else {}
     except ValueError as err:
-        raise ConfigError(f"--run-config: expected 'key=value ...', got {run_config!r}: {err}") from err
+        raise ConfigError(
+            f"--run-config: expected 'key=value ...', got {run_config!r}: {err}"
+        ) from err
     # Like `flwr run`, import the user's modules from the current directory.
     sys.path.insert(0, os.getcwd())
     run_apps(
@@ -320,20 +336,17 @@ def _exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-class _errors:
+@contextmanager
+def _errors() -> Iterator[None]:
     """Turn fedscale errors into one red line and exit code 2."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        if isinstance(exc, FedscaleError):
-            console.print(f"[bold red]error:[/] {exc}")
-            raise typer.Exit(2)
-        if isinstance(exc, KeyboardInterrupt):
-            console.print("[yellow]interrupted[/]")
-            raise typer.Exit(130)
-        return False
+    try:
+        yield
+    except FedscaleError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        raise typer.Exit(130) from None
 
 
 def run() -> None:

@@ -9,11 +9,16 @@ from types import TracebackType
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 __all__ = ["RoundProgress", "install_round_handler", "print_summary"]
-
 
 
 class RoundProgress:
@@ -82,7 +87,7 @@ def _remove_round_handlers() -> None:
 
 
 def print_summary(console: Console, rows: list[dict[str, Any]], run_dir: Path) -> None:
-    """A table of the run's outcome; the last line states the final test accuracy."""
+    """Print the run's outcome; the last line states the final test accuracy."""
     final = rows[-1]
     best = max(rows, key=lambda r: r.get("accuracy") or 0.0)
     trained = [r for r in rows if r["round"] > 0]

@@ -11,8 +11,16 @@ between rounds.
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
+from torch import nn
 
 from fedscale.exceptions import DataError, RecordError
 from fedscale.models import build_model
@@ -29,7 +37,7 @@ app = ClientApp()
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the received global model for the configured local epochs."""
-    settings = RunSettings.from_run_config(context.run_config)
+    settings = RunSettings.from_run_config(context.run_config, complete=True)
     config = _config(msg)
     data = node_data(settings, context.node_config)
     device = resolve_device(node_device_name(settings, context.node_config))
@@ -38,9 +46,9 @@ def train_handler(msg: Message, context: Context) -> Message:
         model,
         data.x_train,
         data.y_train,
-        epochs=int(config.get("local-epochs", settings.local_epochs)),
-        batch_size=int(config.get("batch-size", settings.batch_size)),
-        lr=float(config.get("lr", settings.lr)),
+        epochs=_config_int(config, "local-epochs", settings.local_epochs),
+        batch_size=_config_int(config, "batch-size", settings.batch_size),
+        lr=_config_float(config, "lr", settings.lr),
         device=device,
         seed=_shuffle_seed(settings, config, context),
     )
@@ -58,7 +66,7 @@ def train_handler(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the node's evaluation data."""
-    settings = RunSettings.from_run_config(context.run_config)
+    settings = RunSettings.from_run_config(context.run_config, complete=True)
     config = _config(msg)
     data = node_data(settings, context.node_config)
     device = resolve_device(node_device_name(settings, context.node_config))
@@ -79,19 +87,33 @@ def _config(msg: Message) -> ConfigRecord:
     return next(iter(records.values())) if records else ConfigRecord()
 
 
+def _config_float(config: ConfigRecord, key: str, default: float) -> float:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise RecordError(
+            f"config {key!r}: expected a positive number from the server, got {value!r}"
+        )
+    return float(value)
+
+
+def _config_int(config: ConfigRecord, key: str, default: int) -> int:
+    value = _config_float(config, key, default)
+    if value != int(value):
+        raise RecordError(f"config {key!r}: expected a whole number from the server, got {value!r}")
+    return int(value)
+
+
 def _global_model(
     msg: Message, settings: RunSettings, config: ConfigRecord, data: NodeData
-) -> object:
+) -> nn.Module:
     arrays = msg.content.array_records
     if len(arrays) != 1:
         raise RecordError(
             f"message: expected one ArrayRecord holding the global model, got {len(arrays)}"
         )
-    num_classes = int(config.get("num-classes", 0))
-    if num_classes < 1:
-        raise RecordError(
-            f"config: expected 'num-classes' >= 1 from the server, got {config.get('num-classes')!r}"
-        )
+    if "num-classes" not in config:
+        raise RecordError("config 'num-classes': expected the global model's classes, got none")
+    num_classes = _config_int(config, "num-classes", 0)
     labels_max = int(data.y_train.max())
     if labels_max >= num_classes:
         raise DataError(
@@ -108,6 +130,6 @@ def _shuffle_seed(settings: RunSettings, config: ConfigRecord, context: Context)
     # The same run, round and partition shuffle alike on every runtime (node ids
     # differ between runtimes, partition ids do not).
     who = context.node_config.get("partition-id", context.node_id)
-    server_round = int(config.get("server-round", 0))
+    server_round = _config_int(config, "server-round", 1)
     state = np.random.SeedSequence([settings.seed, server_round, int(who)])
     return int(state.generate_state(1)[0])

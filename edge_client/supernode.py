@@ -81,13 +81,11 @@ class EdgeClientOptions:
 def node_config_arg(config: Mapping[str, str | int | float]) -> str:
     """Format ``--node-config`` as Flower parses it: ``k=v`` pairs, TOML values."""
     # json.dumps of a str is a valid TOML basic string (quotes and escapes).
-    return " ".join(
-        f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in config.items()
-    )
+    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in config.items())
 
 
 def supernode_argv(options: EdgeClientOptions) -> list[str]:
-    """The ``flower-supernode`` command line for ``options``."""
+    """Return the ``flower-supernode`` command line for ``options``."""
     argv = [
         flower_executable("flower-supernode"),
         "--insecure",

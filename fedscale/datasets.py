@@ -104,7 +104,12 @@ def load_dataset(
         x_train, y_train = x, y
     else:
         train_idx, test_idx = _stratified_split(y, test_fraction, seed)
-        x_train, y_train, x_test, y_test = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
+        x_train, y_train, x_test, y_test = (
+            x[train_idx],
+            y[train_idx],
+            x[test_idx],
+            y[test_idx],
+        )
     num_classes = int(max(y_train.max(), y_test.max())) + 1
     arrays = (x_train, y_train, x_test, y_test)
     for a in arrays:
@@ -174,7 +179,9 @@ def _from_file(
     raise DataError(f"dataset file: expected a .npz or .csv file, got {path.name!r}")
 
 
-def _from_npz(path: Path) -> tuple[FloatArray, IntArray, tuple[FloatArray, IntArray] | None]:
+def _from_npz(
+    path: Path,
+) -> tuple[FloatArray, IntArray, tuple[FloatArray, IntArray] | None]:
     try:
         # allow_pickle=False: an .npz from a user's folder never runs code.
         with np.load(path, allow_pickle=False) as npz:
@@ -191,9 +198,7 @@ def _from_npz(path: Path) -> tuple[FloatArray, IntArray, tuple[FloatArray, IntAr
     test = None
     if "x_test" in arrays or "y_test" in arrays:
         if not ("x_test" in arrays and "y_test" in arrays):
-            raise DataError(
-                f"dataset file {path}: expected both 'x_test' and 'y_test' or neither"
-            )
+            raise DataError(f"dataset file {path}: expected both 'x_test' and 'y_test' or neither")
         test = _check_arrays(arrays["x_test"], arrays["y_test"], f"{path} (test)")
         if test[0].shape[1:] != x.shape[1:]:
             raise DataError(
@@ -205,15 +210,14 @@ def _from_npz(path: Path) -> tuple[FloatArray, IntArray, tuple[FloatArray, IntAr
 
 def _from_csv(path: Path, label_column: str) -> tuple[FloatArray, IntArray]:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", newline="") as handle:  # type: ignore[operator]
+    with opener(path, "rt", newline="") as handle:
         header = next(csv.reader(handle), None)
     if not header:
         raise DataError(f"dataset file {path}: expected a header row, the file is empty")
     header = [h.strip() for h in header]
     if label_column not in header:
         raise DataError(
-            f"dataset file {path}: expected a label column {label_column!r}, "
-            f"got columns {header}"
+            f"dataset file {path}: expected a label column {label_column!r}, got columns {header}"
         )
     try:
         table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
@@ -256,7 +260,9 @@ def _check_arrays(x: Any, y: Any, where: str) -> tuple[FloatArray, IntArray]:
     if y.ndim != 1:
         raise DataError(f"{where}: expected y of shape (samples,), got {y.shape}")
     if len(x) != len(y):
-        raise DataError(f"{where}: expected one label per sample, got {len(x)} samples and {len(y)} labels")
+        raise DataError(
+            f"{where}: expected one label per sample, got {len(x)} samples and {len(y)} labels"
+        )
     if len(y) == 0:
         raise DataError(f"{where}: expected at least one sample, got none")
     if not np.issubdtype(x.dtype, np.number):

@@ -93,7 +93,11 @@ def register_model(name: str, factory: ModelFactory) -> None:
 
 
 def build_model(
-    spec: str, input_shape: tuple[int, ...], num_classes: int, *, seed: int | None = None
+    spec: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    seed: int | None = None,
 ) -> nn.Module:
     """Build the model ``spec`` for samples of ``input_shape`` and ``num_classes``.
 

@@ -42,7 +42,7 @@ class NodeData:
 
 
 def node_device_name(settings: RunSettings, node_config: Mapping[str, Any]) -> str:
-    """The device a node trains on: its own ``device`` setting, else the run's."""
+    """Return the device a node trains on: its own ``device``, else the run's."""
     value = node_config.get(DEVICE, settings.device)
     if not isinstance(value, str):
         raise ConfigError(f"node config {DEVICE}: expected a string, got {value!r}")

@@ -84,14 +84,13 @@ def partition_indices(
         partitions as there are samples and client ``i`` gets partition
         ``i mod n_samples``, so clients share samples. Without it, that case is
         an error.
+
     """
     y = np.asarray(labels)
     if y.ndim != 1:
         raise PartitionError(f"labels: expected a 1-D array, got shape {y.shape}")
     if num_partitions < 1:
-        raise PartitionError(
-            f"num_partitions: expected an integer >= 1, got {num_partitions}"
-        )
+        raise PartitionError(f"num_partitions: expected an integer >= 1, got {num_partitions}")
     parsed = parse_scheme(scheme) if isinstance(scheme, str) else scheme
     n = len(y)
     if n == 0:
@@ -132,14 +131,10 @@ def _dirichlet(
     return [np.concatenate(c) for c in chunks]
 
 
-def _shards(
-    y: np.ndarray, n_parts: int, k: int, rng: np.random.Generator
-) -> list[IntArray]:
+def _shards(y: np.ndarray, n_parts: int, k: int, rng: np.random.Generator) -> list[IntArray]:
     classes = np.unique(y)
     if k > len(classes):
-        raise PartitionError(
-            f"shards:{k}: expected k <= the number of classes ({len(classes)})"
-        )
+        raise PartitionError(f"shards:{k}: expected k <= the number of classes ({len(classes)})")
     if n_parts * k < len(classes):
         raise PartitionError(
             f"shards:{k} with {n_parts} clients covers {n_parts * k} of "
@@ -159,9 +154,7 @@ def _shards(
         rng.shuffle(idx)
         for client, piece in zip(owners, np.array_split(idx, len(owners)), strict=True):
             chunks[client].append(piece)
-    return [
-        np.concatenate(c) if c else np.empty(0, dtype=np.int64) for c in chunks
-    ]
+    return [np.concatenate(c) if c else np.empty(0, dtype=np.int64) for c in chunks]
 
 
 def _fill_empty(parts: list[IntArray]) -> None:

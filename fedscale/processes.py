@@ -44,7 +44,7 @@ def flower_executable(name: str) -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago."""
+    """Return a TCP port that was free on ``host`` a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
@@ -165,7 +165,7 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _process_table() -> dict[int, tuple[int, int]]:
-    """Running processes (not zombies) as ``pid -> (pgrp, ppid)``; Linux /proc."""
+    """Map running processes (not zombies) to ``(pgrp, ppid)``; Linux /proc."""
     table: dict[int, tuple[int, int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:

@@ -41,10 +41,7 @@ def state_dict_to_arrays(state_dict: Mapping[str, torch.Tensor]) -> ArrayRecord:
 
 def arrays_to_state_dict(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
     """Turn an ``ArrayRecord`` back into a state dict of CPU tensors."""
-    return OrderedDict(
-        (key, torch.from_numpy(array.numpy()))
-        for key, array in record.items()
-    )
+    return OrderedDict((key, torch.from_numpy(array.numpy())) for key, array in record.items())
 
 
 def load_arrays_into(model: nn.Module, record: ArrayRecord) -> None:

@@ -25,9 +25,7 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 def parse_device_name(name: str) -> str:
     """Check a device name's syntax: ``auto``, ``cpu``, ``mps``, ``cuda`` or ``cuda:N``."""
     if not isinstance(name, str) or not _DEVICE_RE.match(name):
-        raise ConfigError(
-            f"device: expected one of auto, cpu, cuda, cuda:N, mps; got {name!r}"
-        )
+        raise ConfigError(f"device: expected one of auto, cpu, cuda, cuda:N, mps; got {name!r}")
     return name
 
 
@@ -97,11 +95,15 @@ class RunSettings:
         parse_device_name(self.device)
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
+    def from_run_config(
+        cls, run_config: Mapping[str, Any], *, complete: bool = False
+    ) -> RunSettings:
         """Build settings from a Flower run config (kebab-case keys).
 
-        Keys that are absent keep their defaults; unknown keys are an error that
-        lists the valid ones.
+        Unknown keys are an error that lists the valid ones. Absent keys keep
+        their defaults, unless ``complete``: the apps ask for every key, so a
+        runtime that hands them an empty or foreign run config fails loudly
+        instead of training on defaults.
         """
         valid = {_key(f.name): f.name for f in fields(cls)}
         unknown = sorted(set(run_config) - set(valid))
@@ -109,6 +111,12 @@ class RunSettings:
             raise ConfigError(
                 f"unknown run-config key(s) {', '.join(unknown)}; "
                 f"valid keys are: {', '.join(sorted(valid))}"
+            )
+        missing = sorted(set(valid) - set(run_config))
+        if complete and missing:
+            raise ConfigError(
+                f"run config: expected all of fedscale's keys (pyproject.toml "
+                f"[tool.flwr.app.config]); missing {', '.join(missing)}"
             )
         kwargs = {valid[k]: _coerce(valid[k], v) for k, v in run_config.items()}
         return cls(**kwargs)

@@ -26,7 +26,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config."""
-    settings = RunSettings.from_run_config(context.run_config)
+    settings = RunSettings.from_run_config(context.run_config, complete=True)
     _log_to_console_unless_configured()
     run_federation(grid, settings, out=settings.out or default_run_dir(settings))
 

@@ -14,11 +14,13 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
+from numpy.typing import NDArray
 
 from fedscale.datasets import Dataset, load_dataset
 from fedscale.exceptions import LaunchError
@@ -194,7 +196,7 @@ def _evaluate_global(
     return evaluate(model, dataset.x_test, dataset.y_test, device=device)
 
 
-def _numpy(arrays: ArrayRecord) -> dict[str, object]:
+def _numpy(arrays: ArrayRecord) -> dict[str, NDArray[Any]]:
     return {key: array.numpy() for key, array in arrays.items()}
 
 
@@ -234,4 +236,3 @@ def _emit(run_dir: RunDirectory, record: RoundRecord, num_rounds: int) -> None:
         record.seconds,
         extra={ROUND_EXTRA_KEY: record, "num_rounds": num_rounds},
     )
-

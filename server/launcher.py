@@ -23,7 +23,13 @@ from typing import Any
 
 from fedscale.exceptions import ConfigError, LaunchError
 from fedscale.flower_app import write_app_dir
-from fedscale.processes import flower_executable, is_loopback, start, stop, wait_for_port
+from fedscale.processes import (
+    flower_executable,
+    is_loopback,
+    start,
+    stop,
+    wait_for_port,
+)
 from fedscale.runs import RunDirectory
 from fedscale.settings import RunSettings
 
@@ -60,7 +66,7 @@ class ServerOptions:
 
 
 def flwr_home_config(address: str) -> str:
-    """The ``$FLWR_HOME/config.toml`` that names our SuperLink as a connection."""
+    """Return the ``$FLWR_HOME/config.toml`` naming our SuperLink as a connection."""
     return (
         "[superlink]\n"
         f'default = "{CONNECTION_NAME}"\n\n'
@@ -112,6 +118,8 @@ def serve_federation(
             ],
             log_file=superlink_log,
             env=env,
+            # One process group with this command: stopping it stops them all.
+            new_session=False,
         )
         processes.append(superlink)
         wait_for_port(
@@ -122,19 +130,29 @@ def serve_federation(
             what="flower-superlink",
             log_file=superlink_log,
         )
-        log.info("SuperLink listening on %s:%d (pid %d)", options.host, options.port, superlink.pid)
+        log.info(
+            "SuperLink listening on %s:%d (pid %d)",
+            options.host,
+            options.port,
+            superlink.pid,
+        )
         serverapp_log = logs / "serverapp.log"
         submit = start(
-            [flower_executable("flwr"), "run", str(app_dir), CONNECTION_NAME, "--stream"],
+            [
+                flower_executable("flwr"),
+                "run",
+                str(app_dir),
+                CONNECTION_NAME,
+                "--stream",
+            ],
             log_file=serverapp_log,
             env=env,
+            new_session=False,
         )
         processes.append(submit)
         _follow(run_dir, submit, on_round)
         if submit.returncode != 0:
-            raise LaunchError(
-                f"flwr run exited with code {submit.returncode}; see {serverapp_log}"
-            )
+            raise LaunchError(f"flwr run exited with code {submit.returncode}; see {serverapp_log}")
         rounds = _read_new(run_dir, 0)
         if len(rounds) != settings.num_rounds + 1:
             raise LaunchError(
@@ -149,7 +167,9 @@ def serve_federation(
 
 
 def _follow(
-    run_dir: RunDirectory, process: subprocess.Popen[bytes], on_round: RoundCallback | None
+    run_dir: RunDirectory,
+    process: subprocess.Popen[bytes],
+    on_round: RoundCallback | None,
 ) -> None:
     # metrics.jsonl is the record of progress: report each new line until the
     # submitting `flwr run --stream` exits with the run.

@@ -25,6 +25,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.supercore.constant import NOOP_FEDERATION_ID
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -51,15 +52,17 @@ _SERVER_TASK_ID = 1
 
 
 def new_run_id() -> int:
-    """A random 63-bit run id, as Flower's SuperLink draws them."""
+    """Draw a random 63-bit run id, as Flower's SuperLink does."""
     return secrets.randbits(63) or 1
 
 
 def make_run(run_id: int, override_config: dict[str, Any] | None = None) -> Run:
-    """A ``Run`` record for a run that no SuperLink registered."""
+    """Describe a run that no SuperLink registered with a ``Run`` record."""
     run = Run.create_empty(run_id=run_id)
     run.override_config = dict(override_config or {})
     run.primary_task_id = _SERVER_TASK_ID
+    # Flower's simulation registers its nodes under its no-op federation.
+    run.federation_id = NOOP_FEDERATION_ID
     return run
 
 
@@ -92,21 +95,26 @@ def set_message_id(message: Message, message_id: str) -> None:
 
 
 def copy_metadata(metadata: Metadata) -> Metadata:
-    """An independent copy of a message's metadata."""
+    """Return an independent copy of a message's metadata."""
     clone = Metadata.__new__(Metadata)
     clone.__dict__.update(metadata.__dict__)
     return clone
 
 
 def copy_message_for_delivery(message: Message) -> Message:
-    """What a node receives: a copy no other node's edits can reach.
+    """Return what a node receives: a copy no other node's edits can reach.
 
     Flower serialises each message per destination; a strategy hands the same
     ``RecordDict`` to every node, so passing the object itself would let one
     node's in-place edit leak into another's. Array bytes are immutable and are
     shared, not copied.
     """
-    return Message(content=copy_record_dict(message.content), metadata=copy_metadata(message.metadata))
+    # `metadata=` is the constructor's internal form (not in its public
+    # overloads), the one Flower uses when it inflates a received message.
+    delivered: Message = Message(  # type: ignore[call-overload]
+        content=copy_record_dict(message.content), metadata=copy_metadata(message.metadata)
+    )
+    return delivered
 
 
 def copy_record_dict(records: RecordDict) -> RecordDict:
@@ -122,7 +130,10 @@ def _copy_record(record: Any) -> ArrayRecord | MetricRecord | ConfigRecord:
         arrays = ArrayRecord()
         for key, array in record.items():
             arrays[key] = Array(
-                dtype=array.dtype, shape=tuple(array.shape), stype=array.stype, data=array.data
+                dtype=array.dtype,
+                shape=tuple(array.shape),
+                stype=array.stype,
+                data=array.data,
             )
         return arrays
     values = {k: list(v) if isinstance(v, list) else v for k, v in record.items()}
@@ -132,5 +143,5 @@ def _copy_record(record: Any) -> ArrayRecord | MetricRecord | ConfigRecord:
 
 
 def error_reply(message: Message, code: int, reason: str) -> Message:
-    """A reply to ``message`` that carries an ``Error`` instead of content."""
+    """Reply to ``message`` with an ``Error`` instead of content."""
     return Message(Error(code=code, reason=reason), reply_to=message)

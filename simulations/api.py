@@ -106,7 +106,13 @@ def run_apps(
     elif engine == "ray":
         from .ray_engine import run_on_ray
 
-        run_on_ray(server, client, num_nodes=clients, run_config=run_config, address=ray_address)
+        run_on_ray(
+            server,
+            client,
+            num_nodes=clients,
+            run_config=run_config,
+            address=ray_address,
+        )
     else:
         raise ConfigError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
 
@@ -132,5 +138,3 @@ def _register(value: Any, engine: str, register: Callable[[str, Any], None], wha
     name = f"user-{what}-{getattr(value, '__qualname__', 'fn')}-{id(value):x}"
     register(name, value)
     return name
-
-

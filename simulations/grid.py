@@ -76,6 +76,7 @@ class InProcessGrid(Grid):
         The run config every node's ``Context`` holds.
     node_config
         Optional extra ``node_config`` entries for partition ``i``.
+
     """
 
     def __init__(

@@ -14,6 +14,7 @@ form takes an app directory whose ``pyproject.toml`` carries it, so every
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,11 +36,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RayRun:
-    """What a Ray run leaves: its id, the server's context, the cluster it used."""
+    """What a Ray run leaves: its id and the server's context."""
 
     run_id: int
     server_context: Context
-    cluster_resources: dict[str, float]
 
 
 def run_on_ray(
@@ -63,6 +63,7 @@ def run_on_ray(
     num_cpus
         CPUs for a local Ray instance (default: all). With ``cpus_per_client`` they
         set how many ClientApp actors run at once.
+
     """
     try:
         import ray
@@ -74,6 +75,10 @@ def run_on_ray(
             f"got: {err}; pip install 'flwr[simulation]'"
         ) from err
 
+    # Ray warns (FutureWarning) on every actor that it overrides
+    # CUDA_VISIBLE_DEVICES when a client asks for no GPU; opt in to the future
+    # behaviour, which leaves the variable alone.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     init_args: dict[str, Any] = {"address": address} if address else {}
     if num_cpus is not None and not address:
         init_args["num_cpus"] = num_cpus
@@ -103,10 +108,12 @@ def run_on_ray(
                     backend_config=backend_config,
                     server_app_context=context,
                     app_dir=app_dir,
+                    # is_app: build every node's Context from app_dir's run config
+                    # (otherwise Flower leaves it empty).
+                    is_app=True,
                     run=make_run(run_id),
                 )
-            resources = {k: float(v) for k, v in ray.cluster_resources().items()}
         finally:
             if started_ray and ray.is_initialized():
                 ray.shutdown()
-    return RayRun(run_id=run_id, server_context=result.context, cluster_resources=resources)
+    return RayRun(run_id=run_id, server_context=result.context)

@@ -15,7 +15,9 @@ def test_digits_is_sklearns_digits_scaled_and_split_stratified():
     # Same samples as sklearn's, scaled to [0, 1].
     x_all = np.concatenate([ds.x_train, ds.x_test]).reshape(-1, 64)
     y_all = np.concatenate([ds.y_train, ds.y_test])
-    ref_rows = {tuple((r / 16.0).astype(np.float32)): t for r, t in zip(ref.data, ref.target, strict=True)}
+    ref_rows = {
+        tuple((r / 16.0).astype(np.float32)): t for r, t in zip(ref.data, ref.target, strict=True)
+    }
     assert all(ref_rows[tuple(x)] == y for x, y in zip(x_all, y_all, strict=True))
     # Stratified: each class is ~20% test.
     for cls in range(10):
@@ -31,9 +33,13 @@ def test_mnist5k_is_mlxtends_subset():
     ds = load_dataset("mnist5k", seed=1, test_fraction=0.1)
     assert ds.sample_shape == (1, 28, 28)
     assert len(ds.y_train) + len(ds.y_test) == 5000
-    assert np.bincount(np.concatenate([ds.y_train, ds.y_test])).tolist() == np.bincount(y_ref).tolist()
+    assert (
+        np.bincount(np.concatenate([ds.y_train, ds.y_test])).tolist() == np.bincount(y_ref).tolist()
+    )
     assert float(ds.x_train.max()) == 1.0 and float(ds.x_train.min()) == 0.0
-    assert np.isclose(np.concatenate([ds.x_train, ds.x_test]).sum(), (x_ref / 255.0).sum(), rtol=1e-5)
+    assert np.isclose(
+        np.concatenate([ds.x_train, ds.x_test]).sum(), (x_ref / 255.0).sum(), rtol=1e-5
+    )
 
 
 def test_split_is_deterministic_per_seed():
@@ -68,10 +74,22 @@ def test_csv_with_label_column(tmp_path):
     ("make", "message"),
     [
         (lambda p: None, r"expected a file at .*missing\.npz, found nothing"),
-        (lambda p: np.savez(p, x=np.zeros((3, 2))), r"expected arrays 'x' and 'y', missing 'y'"),
-        (lambda p: np.savez(p, x=np.zeros((3, 2)), y=np.zeros(4)), r"one label per sample, got 3 samples and 4 labels"),
-        (lambda p: np.savez(p, x=np.full((3, 2), np.nan), y=np.zeros(3)), r"expected finite features"),
-        (lambda p: np.savez(p, x=np.zeros((3, 2)), y=np.array([0.5, 1, 2])), r"non-negative integer labels"),
+        (
+            lambda p: np.savez(p, x=np.zeros((3, 2))),
+            r"expected arrays 'x' and 'y', missing 'y'",
+        ),
+        (
+            lambda p: np.savez(p, x=np.zeros((3, 2)), y=np.zeros(4)),
+            r"one label per sample, got 3 samples and 4 labels",
+        ),
+        (
+            lambda p: np.savez(p, x=np.full((3, 2), np.nan), y=np.zeros(3)),
+            r"expected finite features",
+        ),
+        (
+            lambda p: np.savez(p, x=np.zeros((3, 2)), y=np.array([0.5, 1, 2])),
+            r"non-negative integer labels",
+        ),
         (lambda p: p.write_bytes(b"not an npz"), r"expected a readable \.npz"),
     ],
 )

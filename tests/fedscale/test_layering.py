@@ -28,7 +28,9 @@ def test_library_modules_import_no_app_package():
     modules = [p for p in LIBRARY.glob("*.py")]
     assert len(modules) > 8
     offenders = {
-        p.name: sorted(n for n in _imports(p) if any(f"{app}" in n.split(".") for app in APP_PACKAGES))
+        p.name: sorted(
+            n for n in _imports(p) if any(f"{app}" in n.split(".") for app in APP_PACKAGES)
+        )
         for p in modules
     }
     assert {k: v for k, v in offenders.items() if v} == {}
@@ -39,11 +41,18 @@ def test_app_packages_are_installed_under_fedscale():
     import fedscale.server.app
     import fedscale.simulations.grid
 
-    for module in (fedscale.server.app, fedscale.edge_client.app, fedscale.simulations.grid):
+    for module in (
+        fedscale.server.app,
+        fedscale.edge_client.app,
+        fedscale.simulations.grid,
+    ):
         assert module.__name__.startswith("fedscale.")
 
 
 def test_importing_fedscale_imports_neither_torch_nor_flwr():
-    code = "import sys, fedscale, fedscale.exceptions; print('torch' in sys.modules, 'flwr' in sys.modules)"
+    code = (
+        "import sys, fedscale, fedscale.exceptions; "
+        "print('torch' in sys.modules, 'flwr' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]

@@ -27,12 +27,17 @@ def test_same_seed_same_initial_weights_and_global_rng_untouched():
     a = build_model("mlp", (4,), 3, seed=5)
     after = torch.rand(1)
     b = build_model("mlp", (4,), 3, seed=5)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
     assert torch.equal(before, after), "building a seeded model leaves the global RNG alone"
 
 
 def small_net(input_shape, num_classes):
-    return nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(input_shape).prod()), num_classes))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(int(torch.tensor(input_shape).prod()), num_classes)
+    )
 
 
 def no_arg_net():
@@ -44,7 +49,9 @@ def not_a_module():
 
 
 def test_user_factories_by_module_attr_and_registration():
-    assert build_model("tests.fedscale.test_models:small_net", (2, 2), 4)(torch.zeros(1, 2, 2)).shape == (1, 4)
+    assert build_model("tests.fedscale.test_models:small_net", (2, 2), 4)(
+        torch.zeros(1, 2, 2)
+    ).shape == (1, 4)
     assert isinstance(build_model("tests.fedscale.test_models:no_arg_net", (3,), 2), nn.Linear)
     register_model("tiny", small_net)
     assert isinstance(build_model("tiny", (5,), 2), nn.Sequential)
@@ -54,10 +61,18 @@ def test_user_factories_by_module_attr_and_registration():
     ("spec", "shape", "message"),
     [
         ("resnet", (1, 8, 8), r"expected one of mlp, cnn or MODULE:ATTR, got 'resnet'"),
-        ("tests.fedscale.test_models:not_a_module", (3,), r"return a torch.nn.Module, got str"),
+        (
+            "tests.fedscale.test_models:not_a_module",
+            (3,),
+            r"return a torch.nn.Module, got str",
+        ),
         ("tests.fedscale.test_models:missing", (3,), r"has no attribute 'missing'"),
         ("no_such_module_xyz:make", (3,), r"importable module 'no_such_module_xyz'"),
-        ("cnn", (64,), r"image samples of shape \(channels, height, width\), got \(64,\)"),
+        (
+            "cnn",
+            (64,),
+            r"image samples of shape \(channels, height, width\), got \(64,\)",
+        ),
     ],
 )
 def test_bad_model_specs_are_clear_errors(spec, shape, message):

@@ -35,7 +35,12 @@ def test_same_seed_same_partitions_other_seed_differs(scheme):
 
 def test_dirichlet_skew_grows_as_alpha_shrinks():
     skews = [
-        np.mean([label_skew(LABELS, partition_indices(LABELS, 50, f"dirichlet:{a}", seed=s)) for s in range(3)])
+        np.mean(
+            [
+                label_skew(LABELS, partition_indices(LABELS, 50, f"dirichlet:{a}", seed=s))
+                for s in range(3)
+            ]
+        )
         for a in (100.0, 1.0, 0.3, 0.05)
     ]
     assert skews == sorted(skews), skews
@@ -55,7 +60,10 @@ def test_shards_give_each_client_k_classes(k):
 
 
 def test_more_clients_than_samples_is_an_error_naming_the_counts():
-    with pytest.raises(PartitionError, match=r"2000 clients.*only 1500 samples.*allow-duplicate-samples"):
+    with pytest.raises(
+        PartitionError,
+        match=r"2000 clients.*only 1500 samples.*allow-duplicate-samples",
+    ):
         partition_indices(LABELS, 2000, "iid", seed=0)
 
 
@@ -67,7 +75,18 @@ def test_duplication_opt_in_repeats_partitions_documented_way():
 
 
 @pytest.mark.parametrize(
-    "spec", ["", "iid:3", "dirichlet", "dirichlet:0", "dirichlet:-1", "dirichlet:x", "shards:0", "shards:1.5", "random"]
+    "spec",
+    [
+        "",
+        "iid:3",
+        "dirichlet",
+        "dirichlet:0",
+        "dirichlet:-1",
+        "dirichlet:x",
+        "shards:0",
+        "shards:1.5",
+        "random",
+    ],
 )
 def test_bad_scheme_is_a_clear_error(spec):
     with pytest.raises(PartitionError, match=r"expected iid, dirichlet:<alpha>.*got"):

@@ -5,17 +5,35 @@ import torch
 
 from fedscale.exceptions import RecordError
 from fedscale.models import build_model
-from fedscale.records import arrays_to_state_dict, load_arrays_into, state_dict_to_arrays
+from fedscale.records import (
+    arrays_to_state_dict,
+    load_arrays_into,
+    state_dict_to_arrays,
+)
 
 
 @pytest.mark.parametrize(
-    "dtype", [torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.uint8, torch.bool]
+    "dtype",
+    [
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.int64,
+        torch.int32,
+        torch.uint8,
+        torch.bool,
+    ],
 )
 def test_round_trip_is_exact_for_every_numpy_dtype(dtype):
     g = torch.Generator().manual_seed(0)
     raw = torch.randn(5, 7, generator=g) * 1000
     tensor = raw > 0 if dtype is torch.bool else raw.to(dtype)
-    sd = OrderedDict(w=tensor, b=tensor[0].clone(), empty=torch.zeros(0, dtype=dtype), scalar=tensor[0, 0].clone())
+    sd = OrderedDict(
+        w=tensor,
+        b=tensor[0].clone(),
+        empty=torch.zeros(0, dtype=dtype),
+        scalar=tensor[0, 0].clone(),
+    )
     back = arrays_to_state_dict(state_dict_to_arrays(sd))
     assert list(back) == list(sd)
     for key in sd:
@@ -39,7 +57,10 @@ def test_bfloat16_is_refused_not_cast():
 def test_loading_mismatched_arrays_names_the_difference():
     mlp = build_model("mlp", (1, 8, 8), 10)
     wrong_shape = build_model("mlp", (1, 8, 8), 5)
-    with pytest.raises(RecordError, match=r"arrays\['net.3.weight'\]: expected shape \(10, 128\).*got shape \(5, 128\)"):
+    with pytest.raises(
+        RecordError,
+        match=r"arrays\['net.3.weight'\]: expected shape \(10, 128\).*got shape \(5, 128\)",
+    ):
         load_arrays_into(mlp, state_dict_to_arrays(wrong_shape.state_dict()))
     cnn = build_model("cnn", (1, 8, 8), 10)
     with pytest.raises(RecordError, match=r"missing \['net.1.weight'"):

@@ -8,8 +8,17 @@ from fedscale.runs import METRICS_SCHEMA_VERSION, RoundRecord, RunDirectory
 
 
 def record(r, acc=0.5):
-    return RoundRecord(round=r, loss=float("nan") if r == 2 else 0.1, accuracy=acc, train_loss=None,
-                       clients_sampled=3, clients_replied=2, clients_failed=1, seconds=0.5, elapsed=r * 0.5)
+    return RoundRecord(
+        round=r,
+        loss=float("nan") if r == 2 else 0.1,
+        accuracy=acc,
+        train_loss=None,
+        clients_sampled=3,
+        clients_replied=2,
+        clients_failed=1,
+        seconds=0.5,
+        elapsed=r * 0.5,
+    )
 
 
 def test_metrics_lines_follow_the_schema(tmp_path):
@@ -19,24 +28,39 @@ def test_metrics_lines_follow_the_schema(tmp_path):
     rows = run.read_metrics()
     assert [row["round"] for row in rows] == [0, 1, 2]
     assert set(rows[0]) == {
-        "schema", "round", "loss", "accuracy", "train_loss", "clients_sampled",
-        "clients_replied", "clients_failed", "seconds", "elapsed", "time",
+        "schema",
+        "round",
+        "loss",
+        "accuracy",
+        "train_loss",
+        "clients_sampled",
+        "clients_replied",
+        "clients_failed",
+        "seconds",
+        "elapsed",
+        "time",
     }
     assert rows[0]["schema"] == METRICS_SCHEMA_VERSION
-    assert rows[2]["loss"] is None, "a non-finite loss is written as null, the file stays valid JSON"
+    assert rows[2]["loss"] is None, (
+        "a non-finite loss is written as null, the file stays valid JSON"
+    )
     for line in run.metrics_path.read_text().splitlines():
         json.loads(line)
 
 
 def test_global_model_checkpoint_round_trip_keeps_order_and_bits(tmp_path):
     run = RunDirectory(tmp_path).create()
-    arrays = {"z.weight": np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32),
-              "a.bias": np.arange(4, dtype=np.int64)}
+    arrays = {
+        "z.weight": np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32),
+        "a.bias": np.arange(4, dtype=np.int64),
+    }
     path = run.save_global_model(7, arrays)
     assert path.name == "round-0007.safetensors"
     back = run.load_global_model(7)
     assert list(back) == ["z.weight", "a.bias"]
-    assert all(np.array_equal(back[k], arrays[k]) and back[k].dtype == arrays[k].dtype for k in arrays)
+    assert all(
+        np.array_equal(back[k], arrays[k]) and back[k].dtype == arrays[k].dtype for k in arrays
+    )
     assert not list(run.checkpoints.glob("*.tmp")), "no temporary files are left behind"
 
 
@@ -54,4 +78,7 @@ def test_config_is_written_as_toml(tmp_path):
 
     run = RunDirectory(tmp_path).create()
     run.write_config({"lr": 0.1, "dataset": "digits"})
-    assert tomllib.loads(run.config_path.read_text()) == {"lr": 0.1, "dataset": "digits"}
+    assert tomllib.loads(run.config_path.read_text()) == {
+        "lr": 0.1,
+        "dataset": "digits",
+    }

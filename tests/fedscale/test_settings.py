@@ -22,7 +22,10 @@ def test_round_trip_and_int_to_float_coercion():
 
 
 def test_unknown_key_lists_valid_keys():
-    with pytest.raises(ConfigError, match=r"unknown run-config key\(s\) epochs; valid keys are: .*local-epochs"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown run-config key\(s\) epochs; valid keys are: .*local-epochs",
+    ):
         RunSettings.from_run_config({"epochs": 3})
 
 
@@ -34,7 +37,10 @@ def test_unknown_key_lists_valid_keys():
         ({"num-rounds": True}, r"num-rounds: expected int, got True \(bool\)"),
         ({"lr": -0.1}, r"lr: expected a learning rate > 0, got -0.1"),
         ({"test-fraction": 1.0}, r"test-fraction: expected a number in \(0, 1\)"),
-        ({"fraction-evaluate": 2.0}, r"fraction-evaluate: expected a number in \[0, 1\]"),
+        (
+            {"fraction-evaluate": 2.0},
+            r"fraction-evaluate: expected a number in \[0, 1\]",
+        ),
         ({"partition": "dirichlet:-1"}, r"partition: expected iid"),
         ({"device": "gpu"}, r"device: expected one of auto, cpu"),
         ({"batch-size": 0}, r"batch-size: expected an integer >= 1"),
@@ -48,3 +54,13 @@ def test_bad_values_name_the_key_the_expectation_and_the_value(config, message):
 def test_settings_are_frozen():
     with pytest.raises(AttributeError):
         RunSettings().lr = 1.0  # type: ignore[misc]
+
+
+def test_the_apps_demand_a_complete_run_config():
+    full = RunSettings().to_run_config()
+    assert RunSettings.from_run_config(full, complete=True) == RunSettings()
+    del full["partition"]
+    with pytest.raises(ConfigError, match=r"expected all of fedscale's keys.*missing partition"):
+        RunSettings.from_run_config(full, complete=True)
+    with pytest.raises(ConfigError, match=r"missing allow-duplicate-samples, batch-size"):
+        RunSettings.from_run_config({}, complete=True)

@@ -11,7 +11,13 @@ CPU = torch.device("cpu")
 
 
 def test_auto_picks_cuda_then_mps_then_cpu():
-    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    expected = (
+        "cuda"
+        if torch.cuda.is_available()
+        else "mps"
+        if torch.backends.mps.is_available()
+        else "cpu"
+    )
     assert resolve_device("auto").type == expected
     assert resolve_device("cpu") == CPU
 
@@ -42,7 +48,16 @@ def test_training_learns_and_is_deterministic_for_a_seed():
     for _ in range(2):
         model = build_model("mlp", ds.sample_shape, ds.num_classes, seed=0)
         before = evaluate(model, ds.x_test, ds.y_test, device=CPU)
-        result = train(model, ds.x_train, ds.y_train, epochs=3, batch_size=32, lr=0.1, device=CPU, seed=9)
+        result = train(
+            model,
+            ds.x_train,
+            ds.y_train,
+            epochs=3,
+            batch_size=32,
+            lr=0.1,
+            device=CPU,
+            seed=9,
+        )
         after = evaluate(model, ds.x_test, ds.y_test, device=CPU)
         weights.append([p.detach().clone() for p in model.parameters()])
     assert result.num_examples == len(ds.y_train)

@@ -11,7 +11,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
@@ -22,7 +30,8 @@ OBSERVED: dict[str, Any] = {"lifespan": 0, "rounds": []}
 def client_values(partition_id: int, server_round: int) -> dict[str, np.ndarray]:
     """What partition ``partition_id`` returns in ``server_round``."""
     return {
-        "w": np.array([partition_id + 1.0, 2.0 * (partition_id + 1), -partition_id]) / 3 + server_round,
+        "w": np.array([partition_id + 1.0, 2.0 * (partition_id + 1), -partition_id]) / 3
+        + server_round,
         "b": np.full((2, 2), partition_id * 0.1, dtype=np.float32),
     }
 
@@ -53,14 +62,21 @@ def train(msg: Message, context: Context) -> Message:
     received_w0 = float(msg.content["arrays"]["w"].numpy()[0])
     # Scribble over the received content: other nodes must not see it.
     msg.content["arrays"]["w"] = Array(np.full(3, 1e9))
-    if pid == context.run_config.get("fail-partition") and server_round == context.run_config.get("fail-round"):
+    if pid == context.run_config.get("fail-partition") and server_round == context.run_config.get(
+        "fail-round"
+    ):
         raise RuntimeError("planned failure")
     values = client_values(pid, server_round)
     reply = RecordDict(
         {
             "arrays": ArrayRecord({k: Array(v) for k, v in values.items()}),
             "metrics": MetricRecord(
-                {"num-examples": pid + 1, "calls": calls["n"], "received-w0": received_w0, "partition": pid}
+                {
+                    "num-examples": pid + 1,
+                    "calls": calls["n"],
+                    "received-w0": received_w0,
+                    "partition": pid,
+                }
             ),
         }
     )
@@ -73,7 +89,12 @@ server_app = ServerApp()
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
     OBSERVED["rounds"] = []
-    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
+    strategy = FedAvg(
+        fraction_train=1.0,
+        fraction_evaluate=0.0,
+        min_train_nodes=1,
+        min_available_nodes=1,
+    )
     arrays = ArrayRecord({"w": Array(np.zeros(3)), "b": Array(np.zeros((2, 2), dtype=np.float32))})
     for server_round in range(1, int(context.run_config["num-rounds"]) + 1):
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))

@@ -38,7 +38,9 @@ def test_aggregate_equals_numpy_weighted_mean_in_float64(observed):
         pids = [int(m.content["metrics"]["partition"]) for m in ok]
         weights = np.array([p + 1 for p in pids], dtype=np.float64)
         for key in ("w", "b"):
-            stacked = np.stack([plain.client_values(p, server_round)[key].astype(np.float64) for p in pids])
+            stacked = np.stack(
+                [plain.client_values(p, server_round)[key].astype(np.float64) for p in pids]
+            )
             expected = np.average(stacked, axis=0, weights=weights)
             got = rnd["aggregate"][key]
             assert got.dtype == plain.client_values(0, 1)[key].dtype
@@ -72,7 +74,9 @@ def test_mods_and_lifespan_run_for_every_message(observed):
 
 def test_one_nodes_in_place_edit_never_reaches_another(observed):
     for rnd in observed["rounds"]:
-        assert {m.content["metrics"]["received-w0"] for m in _ok(rnd["replies"])} == {rnd["global_w0"]}
+        assert {m.content["metrics"]["received-w0"] for m in _ok(rnd["replies"])} == {
+            rnd["global_w0"]
+        }
 
 
 def test_the_cli_runs_a_third_party_app(tmp_path):
@@ -85,10 +89,14 @@ def test_the_cli_runs_a_third_party_app(tmp_path):
         app,
         [
             "simulate",
-            "--server-app", "tests.simulations.plain_flower_app:server_app",
-            "--client-app", "tests.simulations.plain_flower_app:client_app",
-            "--clients", "3",
-            "--run-config", "num-rounds=2",
+            "--server-app",
+            "tests.simulations.plain_flower_app:server_app",
+            "--client-app",
+            "tests.simulations.plain_flower_app:client_app",
+            "--clients",
+            "3",
+            "--run-config",
+            "num-rounds=2",
         ],
     )
     assert result.exit_code == 0, result.output

@@ -53,7 +53,13 @@ def test_run_folder_holds_config_metrics_and_every_rounds_model(tmp_path):
 
 def test_same_seed_same_metrics(tmp_path):
     def run(name):
-        result = simulate(out=str(tmp_path / name), num_rounds=4, clients=30, partition="dirichlet:0.3", seed=11)
+        result = simulate(
+            out=str(tmp_path / name),
+            num_rounds=4,
+            clients=30,
+            partition="dirichlet:0.3",
+            seed=11,
+        )
         return [(r["accuracy"], r["loss"], r["train_loss"]) for r in result.rounds]
 
     assert run("a") == run("b")
