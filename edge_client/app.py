@@ -10,6 +10,8 @@ between rounds.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from flwr.app import (
     ArrayRecord,
@@ -121,9 +123,25 @@ def _global_model(
             f"classes), got label {labels_max}"
         )
     record: ArrayRecord = next(iter(arrays.values()))
-    model = build_model(settings.model, tuple(data.x_train.shape[1:]), num_classes)
+    model = _cached_model(settings.model, tuple(data.x_train.shape[1:]), num_classes)
     load_arrays_into(model, record)
     return model
+
+
+_models = threading.local()
+
+
+def _cached_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    # One model instance per thread and architecture, reused across messages:
+    # building one costs more than a small client's training, and every call
+    # loads all of the received global state (parameters and buffers) into it.
+    cache: dict[tuple[str, tuple[int, ...], int], nn.Module] = _models.__dict__.setdefault(
+        "by_spec", {}
+    )
+    key = (spec, input_shape, num_classes)
+    if key not in cache:
+        cache[key] = build_model(spec, input_shape, num_classes)
+    return cache[key]
 
 
 def _shuffle_seed(settings: RunSettings, config: ConfigRecord, context: Context) -> int:

@@ -12,6 +12,7 @@ import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from functools import lru_cache
 from typing import Any
 
 from .exceptions import ConfigError
@@ -105,6 +106,18 @@ class RunSettings:
         runtime that hands them an empty or foreign run config fails loudly
         instead of training on defaults.
         """
+        if cls is RunSettings:
+            try:
+                # The type is part of the key: True == 1 and 5 == 5.0 must not
+                # share a cache entry, or a wrong type would pass unchecked.
+                key = tuple(sorted((k, type(v).__name__, v) for k, v in run_config.items()))
+                return _parse_cached(key, complete)
+            except TypeError:  # an unhashable value: parse it uncached, to report it
+                pass
+        return cls._parse(run_config, complete)
+
+    @classmethod
+    def _parse(cls, run_config: Mapping[str, Any], complete: bool) -> RunSettings:
         valid = {_key(f.name): f.name for f in fields(cls)}
         unknown = sorted(set(run_config) - set(valid))
         if unknown:
@@ -128,6 +141,12 @@ class RunSettings:
     def replace(self, **changes: Any) -> RunSettings:
         """Return a copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+@lru_cache(maxsize=64)
+def _parse_cached(items: tuple[tuple[str, str, Any], ...], complete: bool) -> RunSettings:
+    # Every message of a run carries the same run config: parse it once.
+    return RunSettings._parse({key: value for key, _, value in items}, complete)
 
 
 _FIELD_TYPES: dict[str, type] = {

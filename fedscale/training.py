@@ -8,6 +8,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .exceptions import DeviceError
 from .settings import parse_device_name
@@ -76,6 +77,13 @@ def _mps_available() -> bool:
     return bool(backend is not None and backend.is_available())
 
 
+def _move(model: nn.Module, device: torch.device) -> None:
+    # Module.to walks every tensor even when nothing moves; skip it then.
+    first = next(model.parameters(), None)
+    if first is None or first.device != device:
+        model.to(device)
+
+
 def _as_tensor(array: npt.NDArray[np.generic], device: torch.device) -> torch.Tensor:
     # Dataset arrays are read-only; torch.from_numpy warns on those, so copy them.
     if not array.flags.writeable:
@@ -99,23 +107,24 @@ def train(
     Batches are shuffled by a generator seeded with ``seed``, so the same inputs
     give the same weights. The reported loss is the mean over the last epoch.
     """
-    model.to(device)
+    _move(model, device)
     model.train()
     inputs = _as_tensor(x, device)
     targets = _as_tensor(y, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    loss_fn = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(seed)
     n = len(inputs)
     steps = 0
     epoch_loss = 0.0
     for _ in range(epochs):
-        order = torch.randperm(n, generator=generator).to(device)
+        order = torch.randperm(n, generator=generator)
+        if device.type != "cpu":
+            order = order.to(device)
         epoch_loss = 0.0
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(inputs[idx]), targets[idx])
+            loss = F.cross_entropy(model(inputs[idx]), targets[idx])
             loss.backward()
             optimizer.step()
             epoch_loss += float(loss.detach()) * len(idx)
@@ -133,16 +142,15 @@ def evaluate(
     batch_size: int = 1024,
 ) -> EvalResult:
     """Return mean cross-entropy loss and accuracy of ``model`` on ``(x, y)``."""
-    model.to(device)
+    _move(model, device)
     model.eval()
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
     total_loss = 0.0
     correct = 0
     for start in range(0, len(x), batch_size):
         inputs = _as_tensor(x[start : start + batch_size], device)
         targets = _as_tensor(y[start : start + batch_size], device)
         logits = model(inputs)
-        total_loss += float(loss_fn(logits, targets))
+        total_loss += float(F.cross_entropy(logits, targets, reduction="sum"))
         correct += int((logits.argmax(dim=1) == targets).sum())
     n = len(x)
     return EvalResult(loss=total_loss / n, accuracy=correct / n, num_examples=n)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -24,10 +25,13 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode, SType
 from flwr.supercore.constant import NOOP_FEDERATION_ID
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+from numpy.typing import NDArray
+
+from fedscale.codec import decode, encode
 
 __all__ = [
     "CLIENT_APP_RAISED_EXCEPTION",
@@ -36,6 +40,7 @@ __all__ = [
     "copy_message_for_delivery",
     "copy_record_dict",
     "error_reply",
+    "fast_array_codec",
     "make_run",
     "new_run_id",
     "server_task_identity",
@@ -118,28 +123,68 @@ def copy_message_for_delivery(message: Message) -> Message:
 
 
 def copy_record_dict(records: RecordDict) -> RecordDict:
-    """Copy a ``RecordDict`` down to its values; array bytes are shared."""
-    out = RecordDict()
-    for key, record in records.items():
-        out[key] = _copy_record(record)
-    return out
+    """Copy a ``RecordDict`` down to its values; array bytes are shared.
+
+    The copy skips the type checks of ``RecordDict.__setitem__`` (their cost is
+    most of a small message's delivery): what is copied was checked when it was
+    built. It relies on Flower's records keeping their items in ``_data``.
+    """
+    clone = _shallow(records)
+    clone.__dict__["_data"] = {key: _copy_record(rec) for key, rec in records.items()}
+    return clone
 
 
 def _copy_record(record: Any) -> ArrayRecord | MetricRecord | ConfigRecord:
+    clone = _shallow(record)
     if isinstance(record, ArrayRecord):
-        arrays = ArrayRecord()
-        for key, array in record.items():
-            arrays[key] = Array(
-                dtype=array.dtype,
-                shape=tuple(array.shape),
-                stype=array.stype,
-                data=array.data,
-            )
-        return arrays
-    values = {k: list(v) if isinstance(v, list) else v for k, v in record.items()}
-    if isinstance(record, MetricRecord):
-        return MetricRecord(values)
-    return ConfigRecord(values)
+        clone.__dict__["_data"] = {key: _shallow(array) for key, array in record.items()}
+    else:
+        clone.__dict__["_data"] = {
+            key: list(value) if isinstance(value, list) else value for key, value in record.items()
+        }
+    return clone  # type: ignore[no-any-return]
+
+
+def _shallow(obj: Any) -> Any:
+    clone = object.__new__(type(obj))
+    clone.__dict__.update(obj.__dict__)
+    return clone
+
+
+@contextmanager
+def fast_array_codec() -> Iterator[None]:
+    """Let Flower's ``Array`` encode and decode with :mod:`fedscale.codec` meanwhile.
+
+    The bytes and arrays are exactly those of ``np.save``/``np.load`` (the codec's
+    tests check it), so every app and strategy behaves the same, only faster: on
+    a small model Flower's own codec costs more than a client's training. The
+    original methods are put back afterwards.
+    """
+    original_numpy = Array.numpy
+    original_from_numpy = Array.__dict__["from_numpy_ndarray"]
+
+    def numpy(self: Array) -> NDArray[Any]:
+        if self.stype != SType.NUMPY:
+            raise TypeError(f"Unsupported serialization type for numpy conversion: '{self.stype}'")
+        return decode(self.data)
+
+    def from_numpy_ndarray(cls: type[Array], ndarray: NDArray[Any]) -> Array:
+        if not isinstance(ndarray, np.ndarray):
+            raise TypeError(f"Expected NumPy ndarray, got {type(ndarray)}")
+        return cls(
+            dtype=str(ndarray.dtype),
+            shape=tuple(ndarray.shape),
+            stype=SType.NUMPY,
+            data=encode(ndarray),
+        )
+
+    Array.numpy = numpy  # type: ignore[method-assign]
+    Array.from_numpy_ndarray = classmethod(from_numpy_ndarray)  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        Array.numpy = original_numpy  # type: ignore[method-assign]
+        Array.from_numpy_ndarray = original_from_numpy  # type: ignore[method-assign]
 
 
 def error_reply(message: Message, code: int, reason: str) -> Message:

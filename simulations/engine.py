@@ -10,7 +10,7 @@ from flwr.app import Context, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
-from ._flower import new_run_id, server_task_identity
+from ._flower import fast_array_codec, new_run_id, server_task_identity
 from .grid import GridStats, InProcessGrid, NodeConfigFn
 
 __all__ = ["EngineRun", "run_in_process"]
@@ -53,6 +53,6 @@ def run_in_process(
         state=RecordDict(),
         run_config=dict(run_config),
     )
-    with server_task_identity(run_id):
+    with server_task_identity(run_id), fast_array_codec():
         server_app(grid, context)
     return EngineRun(run_id=run_id, server_context=context, stats=grid.stats)

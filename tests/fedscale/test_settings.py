@@ -64,3 +64,15 @@ def test_the_apps_demand_a_complete_run_config():
         RunSettings.from_run_config(full, complete=True)
     with pytest.raises(ConfigError, match=r"missing allow-duplicate-samples, batch-size"):
         RunSettings.from_run_config({}, complete=True)
+
+
+def test_cached_parsing_still_checks_types():
+    assert RunSettings.from_run_config({"num-rounds": 5}).num_rounds == 5
+    with pytest.raises(ConfigError, match=r"num-rounds: expected int, got 5.0 \(float\)"):
+        RunSettings.from_run_config({"num-rounds": 5.0})
+    assert (
+        RunSettings.from_run_config({"allow-duplicate-samples": False}).allow_duplicate_samples
+        is False
+    )
+    with pytest.raises(ConfigError, match=r"allow-duplicate-samples: expected bool, got 0 \(int\)"):
+        RunSettings.from_run_config({"allow-duplicate-samples": 0})

@@ -1,0 +1,42 @@
+"""The adapter's shortcuts give what Flower's own code gives."""
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedscale.simulations._flower import copy_record_dict, fast_array_codec
+
+
+def _records():
+    return RecordDict(
+        {
+            "arrays": ArrayRecord([np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(2)]),
+            "config": ConfigRecord({"lr": 0.1, "names": ["a", "b"], "raw": b"x"}),
+            "metrics": MetricRecord({"n": 3, "losses": [0.5, 0.25]}),
+        }
+    )
+
+
+def test_copy_equals_the_original_and_is_independent():
+    original = _records()
+    copy = copy_record_dict(original)
+    assert copy == original
+    assert all(copy[k].object_id == original[k].object_id for k in original)
+    copy["config"]["names"].append("c")
+    copy["metrics"]["n"] = 4
+    copy["arrays"]["new"] = Array(np.zeros(1))
+    copy["arrays"]["0"].shape = (6,)
+    del copy["config"]
+    assert original == _records()
+
+
+def test_fast_codec_is_scoped_and_gives_flowers_results():
+    reference = ArrayRecord([np.linspace(0, 1, 7).astype(np.float16), np.eye(3)])
+    original_numpy = Array.numpy
+    with fast_array_codec():
+        assert Array.numpy is not original_numpy
+        fast = ArrayRecord([np.linspace(0, 1, 7).astype(np.float16), np.eye(3)])
+        decoded = [a.numpy() for a in reference.values()]
+    assert Array.numpy is original_numpy
+    assert fast == reference
+    for got, array in zip(decoded, reference.values(), strict=True):
+        np.testing.assert_array_equal(got, array.numpy())
