@@ -125,7 +125,7 @@ def train(
             idx = order[start : start + batch_size]
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(inputs[idx]), targets[idx])
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
             optimizer.step()
             epoch_loss += float(loss.detach()) * len(idx)
             steps += 1

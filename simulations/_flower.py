@@ -129,7 +129,7 @@ def copy_record_dict(records: RecordDict) -> RecordDict:
     most of a small message's delivery): what is copied was checked when it was
     built. It relies on Flower's records keeping their items in ``_data``.
     """
-    clone = _shallow(records)
+    clone: RecordDict = _shallow(records)
     clone.__dict__["_data"] = {key: _copy_record(rec) for key, rec in records.items()}
     return clone
 
