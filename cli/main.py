@@ -5,6 +5,7 @@ This is the top layer: it may import every package; nothing imports it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -123,20 +124,9 @@ def simulate(
             return
         from fedscale.simulations import simulate as run_simulation
 
-        settings = RunSettings(
-            num_rounds=rounds,
-            clients_per_round=per_round,
-            dataset=dataset,
-            partition=partition,
-            model=model,
-            local_epochs=local_epochs,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            device=device,
-            fraction_evaluate=fraction_evaluate,
-            out=str(out.absolute()) if out else "",
-        )
+        settings = _settings_from_options(locals())
+        if out:
+            settings = settings.replace(out=str(out.absolute()))
         with RoundProgress(console, total=settings.num_rounds) as progress:
             install_round_handler(progress.update)
             result = run_simulation(
@@ -185,21 +175,7 @@ def server(
         from fedscale.server.launcher import ServerOptions, serve_federation
 
         options = ServerOptions(host=host, port=port, insecure=insecure)
-        settings = RunSettings(
-            num_rounds=rounds,
-            clients_per_round=per_round,
-            min_clients=min_clients,
-            dataset=dataset,
-            partition=partition,
-            model=model,
-            local_epochs=local_epochs,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            device=device,
-            fraction_evaluate=fraction_evaluate,
-            round_timeout=round_timeout,
-        )
+        settings = _settings_from_options(locals())
         run_dir = out.absolute() if out else default_run_dir(settings)
         settings = settings.replace(out=str(run_dir))
         console.print(
@@ -303,6 +279,21 @@ def _simulate_third_party(
         ray_address=ray_address,
     )
     stdout.print(f"run finished: {server_app} with {clients} clients of {client_app}")
+
+
+# CLI option names that differ from RunSettings field names.
+_OPTION_TO_FIELD = {"rounds": "num_rounds", "per_round": "clients_per_round"}
+
+
+def _settings_from_options(options: dict[str, Any]) -> RunSettings:
+    """Build the run's settings from a command's options (its ``locals()``).
+
+    Options named like a ``RunSettings`` field (or mapped in ``_OPTION_TO_FIELD``)
+    become that field; ``out`` is a path the command resolves itself.
+    """
+    names = {f.name for f in dataclasses.fields(RunSettings)} - {"out"}
+    kwargs = {_OPTION_TO_FIELD.get(k, k): v for k, v in options.items()}
+    return RunSettings(**{k: v for k, v in kwargs.items() if k in names})
 
 
 def _engine(name: str) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -39,11 +40,7 @@ app = ClientApp()
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the received global model for the configured local epochs."""
-    settings = RunSettings.from_run_config(context.run_config, complete=True)
-    config = _config(msg)
-    data = node_data(settings, context.node_config)
-    device = resolve_device(node_device_name(settings, context.node_config))
-    model = _global_model(msg, settings, config, data)
+    settings, config, data, device, model = _prepare(msg, context)
     result = train(
         model,
         data.x_train,
@@ -68,11 +65,7 @@ def train_handler(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the node's evaluation data."""
-    settings = RunSettings.from_run_config(context.run_config, complete=True)
-    config = _config(msg)
-    data = node_data(settings, context.node_config)
-    device = resolve_device(node_device_name(settings, context.node_config))
-    model = _global_model(msg, settings, config, data)
+    _, _, data, device, model = _prepare(msg, context)
     result = evaluate(model, data.x_eval, data.y_eval, device=device)
     metrics = MetricRecord(
         {
@@ -82,6 +75,17 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         }
     )
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _prepare(
+    msg: Message, context: Context
+) -> tuple[RunSettings, ConfigRecord, NodeData, torch.device, nn.Module]:
+    """Gather the settings, round config, node data and device, and the received model."""
+    settings = RunSettings.from_run_config(context.run_config, complete=True)
+    config = _config(msg)
+    data = node_data(settings, context.node_config)
+    device = resolve_device(node_device_name(settings, context.node_config))
+    return settings, config, data, device, _global_model(msg, settings, config, data)
 
 
 def _config(msg: Message) -> ConfigRecord:

@@ -10,7 +10,7 @@ a Flower upgrade (pinned ``~=1.42.0``) touches this file only.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,6 +19,7 @@ from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
+    Context,
     Error,
     Message,
     Metadata,
@@ -43,6 +44,7 @@ __all__ = [
     "fast_array_codec",
     "make_run",
     "new_run_id",
+    "server_context",
     "server_task_identity",
     "set_message_id",
 ]
@@ -59,6 +61,17 @@ _SERVER_TASK_ID = 1
 def new_run_id() -> int:
     """Draw a random 63-bit run id, as Flower's SuperLink does."""
     return secrets.randbits(63) or 1
+
+
+def server_context(run_id: int, run_config: Mapping[str, Any]) -> Context:
+    """Build the ``Context`` a ServerApp receives, as Flower's simulation does."""
+    return Context(
+        run_id=run_id,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config=dict(run_config),
+    )
 
 
 def make_run(run_id: int, override_config: dict[str, Any] | None = None) -> Run:

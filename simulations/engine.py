@@ -6,11 +6,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import Context, RecordDict
+from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
-from ._flower import fast_array_codec, new_run_id, server_task_identity
+from ._flower import fast_array_codec, new_run_id, server_context, server_task_identity
 from .grid import GridStats, InProcessGrid, NodeConfigFn
 
 __all__ = ["EngineRun", "run_in_process"]
@@ -46,13 +46,7 @@ def run_in_process(
         run_config=run_config,
         node_config=node_config,
     )
-    context = Context(
-        run_id=run_id,
-        node_id=0,
-        node_config={},
-        state=RecordDict(),
-        run_config=dict(run_config),
-    )
+    context = server_context(run_id, run_config)
     with server_task_identity(run_id), fast_array_codec():
         server_app(grid, context)
     return EngineRun(run_id=run_id, server_context=context, stats=grid.stats)

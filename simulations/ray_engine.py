@@ -20,14 +20,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import Context, RecordDict
+from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
 from fedscale.exceptions import LaunchError
 from fedscale.flower_app import write_app_dir
 
-from ._flower import make_run, new_run_id, server_task_identity
+from ._flower import make_run, new_run_id, server_context, server_task_identity
 
 __all__ = ["RayRun", "run_on_ray"]
 
@@ -87,13 +87,7 @@ def run_on_ray(
         "init_args": init_args,
     }
     run_id = new_run_id()
-    context = Context(
-        run_id=run_id,
-        node_id=0,
-        node_config={},
-        state=RecordDict(),
-        run_config=dict(run_config),
-    )
+    context = server_context(run_id, run_config)
     started_ray = not ray.is_initialized()
     with tempfile.TemporaryDirectory(prefix="fedscale-ray-app-") as app_dir:
         write_app_dir(app_dir, run_config)
