@@ -169,8 +169,7 @@ def server(
 ) -> None:
     """Start a Flower SuperLink and run fedscale's ServerApp on it."""
     _setup_logging(verbose)
-    _exit_on_sigterm()
-    with _errors():
+    with _sigterm_unwinds(), _errors():
         from fedscale.server.app import default_run_dir
         from fedscale.server.launcher import ServerOptions, serve_federation
 
@@ -217,8 +216,7 @@ def edge_client(
     ] = None,
 ) -> None:
     """Start a Flower SuperNode that trains with fedscale's ClientApp."""
-    _exit_on_sigterm()
-    with _errors():
+    with _sigterm_unwinds(), _errors():
         from fedscale.edge_client.supernode import EdgeClientOptions, supernode_argv
         from fedscale.processes import free_port, start, stop
 
@@ -319,12 +317,18 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-def _exit_on_sigterm() -> None:
-    # SIGTERM unwinds like Ctrl-C, so the `finally` blocks stop child processes.
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Let SIGTERM unwind like Ctrl-C, so `finally` blocks stop child processes."""
+
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import gzip
 import importlib.util
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -69,8 +70,10 @@ def register_dataset(name: str, fn: ArraysFn) -> None:
     """
     if name in BUILTIN_DATASETS:
         raise DataError(f"dataset name {name!r} is built in; choose another name")
+    # A name is bound once: datasets, partitions and models are cached by name.
+    if _REGISTERED.get(name, fn) is not fn:
+        raise DataError(f"dataset name {name!r} is already registered; choose another name")
     _REGISTERED[name] = fn
-    load_dataset.cache_clear()
 
 
 @lru_cache(maxsize=8)
@@ -104,12 +107,14 @@ def load_dataset(
         x_train, y_train = x, y
     else:
         train_idx, test_idx = _stratified_split(y, test_fraction, seed)
-        x_train, y_train, x_test, y_test = (
-            x[train_idx],
-            y[train_idx],
-            x[test_idx],
-            y[test_idx],
-        )
+        if len(train_idx) == 0 or len(test_idx) == 0:
+            raise DataError(
+                f"dataset {spec}: expected at least one training and one test sample after "
+                f"a {test_fraction:g} test split, got {len(train_idx)} and {len(test_idx)} "
+                f"of {len(y)} samples; give more data or x_test/y_test arrays"
+            )
+        x_train, y_train = x[train_idx], y[train_idx]
+        x_test, y_test = x[test_idx], y[test_idx]
     num_classes = int(max(y_train.max(), y_test.max())) + 1
     arrays = (x_train, y_train, x_test, y_test)
     for a in arrays:
@@ -220,9 +225,13 @@ def _from_csv(path: Path, label_column: str) -> tuple[FloatArray, IntArray]:
             f"dataset file {path}: expected a label column {label_column!r}, got columns {header}"
         )
     try:
-        table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # numpy's "input contained no data"
+            table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
     except ValueError as err:
         raise DataError(f"dataset file {path}: expected numbers only, got: {err}") from err
+    if table.size == 0:
+        raise DataError(f"dataset file {path}: expected at least one data row, got only a header")
     if table.shape[1] != len(header):
         raise DataError(
             f"dataset file {path}: expected {len(header)} values per row (header), "

@@ -89,6 +89,9 @@ def register_model(name: str, factory: ModelFactory) -> None:
     """Make a model factory available under ``name`` in this process."""
     if name in BUILTIN_MODELS:
         raise ModelError(f"model name {name!r} is built in; choose another name")
+    # A name is bound once: clients cache model instances by name.
+    if _REGISTERED.get(name, factory) is not factory:
+        raise ModelError(f"model name {name!r} is already registered; choose another name")
     _REGISTERED[name] = factory
 
 

@@ -10,6 +10,7 @@ at least one sample.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +51,7 @@ def parse_scheme(spec: str) -> PartitionScheme:
             alpha = -1.0
         if alpha > 0 and np.isfinite(alpha):
             return PartitionScheme("dirichlet", alpha=alpha)
-    if kind == "shards" and arg.isdigit() and int(arg) >= 1:
+    if kind == "shards" and re.fullmatch("[0-9]+", arg) and int(arg) >= 1:
         return PartitionScheme("shards", k=int(arg))
     raise PartitionError(
         f"partition: expected iid, dirichlet:<alpha> with alpha > 0, or "

@@ -24,6 +24,7 @@ __all__ = [
     "flower_executable",
     "free_port",
     "is_loopback",
+    "join_address",
     "split_address",
     "start",
     "stop",
@@ -45,7 +46,8 @@ def flower_executable(name: str) -> str:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """Return a TCP port that was free on ``host`` a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
@@ -61,6 +63,11 @@ def split_address(address: str, default_port: int | None = None) -> tuple[str, i
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise LaunchError(f"address: expected HOST:PORT with a port in 1-65535, got {address!r}")
     return host, int(port)
+
+
+def join_address(host: str, port: int) -> str:
+    """Return ``HOST:PORT``, bracketing an IPv6 host (``[::1]:8000``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def is_loopback(host: str) -> bool:
@@ -106,19 +113,24 @@ def start(
 def stop(process: subprocess.Popen[bytes], timeout: float = 10.0) -> int | None:
     """Stop a process started by :func:`start`, and what it started, by PID.
 
-    A group leader is stopped with its whole process group; any other process
-    with its descendants. SIGTERM first, SIGKILL to whatever is left after
-    ``timeout`` seconds. Returns the process's exit code.
+    A process that leads its own group (``new_session=True``) is stopped with the
+    whole group, even after it has exited itself; any other process with its
+    descendants (found through Linux's /proc). SIGTERM first, SIGKILL to whatever
+    is left after ``timeout`` seconds. Returns the process's exit code.
     """
     pid = process.pid
-    leader = process.poll() is None and _pgid(pid) == pid
-    pids = [] if leader else [pid, *_descendants(pid)]
+    # A group with the id of our child's PID exists only if the child created
+    # it, and Linux does not reuse a PID that still names a process group.
+    group = any(pgrp == pid for pgrp, _ in _process_table().values()) or (
+        process.poll() is None and _pgid(pid) == pid
+    )
+    pids = [] if group else _descendants(pid)
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        _signal(pid, pids, leader, sig)
+        _signal(process, pids, group, sig)
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and _alive(process, pids, leader):
+        while time.monotonic() < deadline and _alive(process, pids, group):
             time.sleep(0.05)
-        if not _alive(process, pids, leader):
+        if not _alive(process, pids, group):
             break
     try:
         return process.wait(timeout=5.0)
@@ -126,24 +138,29 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 10.0) -> int | None:
         return None
 
 
-def _signal(pid: int, pids: list[int], leader: bool, sig: int) -> None:
-    targets = [pid] if leader else pids
+def _signal(process: subprocess.Popen[bytes], pids: list[int], group: bool, sig: int) -> None:
+    targets = list(pids)
+    if process.poll() is None:  # never signal a PID we have already reaped
+        targets.append(process.pid)
+    try:
+        if group:
+            os.killpg(process.pid, sig)
+            return
+    except (ProcessLookupError, PermissionError):
+        return
     for target in targets:
         try:
-            if leader:
-                os.killpg(target, sig)
-            else:
-                os.kill(target, sig)
+            os.kill(target, sig)
         except (ProcessLookupError, PermissionError):
             pass
 
 
-def _alive(process: subprocess.Popen[bytes], pids: list[int], leader: bool) -> bool:
-    process.poll()  # reap our own child
+def _alive(process: subprocess.Popen[bytes], pids: list[int], group: bool) -> bool:
+    running = process.poll() is None  # also reaps our own child
     table = _process_table()
-    if leader:
-        return any(pgrp == process.pid for pgrp, _ in table.values())
-    return any(p in table for p in pids)
+    if group:
+        return running or any(pgrp == process.pid for pgrp, _ in table.values())
+    return running or any(p in table for p in pids)
 
 
 def _pgid(pid: int) -> int | None:
@@ -195,10 +212,11 @@ def wait_for_port(
                 f"{what} exited with code {process.returncode} before listening on "
                 f"{host}:{port}" + (f"; see {log_file}" if log_file else "")
             )
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.settimeout(0.5)
-            if sock.connect_ex((host, port)) == 0:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
                 return
+        except OSError:
+            pass
         time.sleep(0.1)
     raise LaunchError(
         f"expected {what} to listen on {host}:{port} within {timeout:g} s; it did not"

@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 import torch
 from flwr.app import Array, ArrayRecord
@@ -21,7 +22,12 @@ from torch import nn
 from .codec import decode, encode
 from .exceptions import RecordError
 
-__all__ = ["arrays_to_state_dict", "load_arrays_into", "state_dict_to_arrays"]
+__all__ = [
+    "arrays_to_state_dict",
+    "conform_dtypes",
+    "load_arrays_into",
+    "state_dict_to_arrays",
+]
 
 _NUMPY_LESS_DTYPES = {
     torch.bfloat16,
@@ -86,3 +92,29 @@ def load_arrays_into(model: nn.Module, record: ArrayRecord) -> None:
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(incoming[key])
+
+
+def conform_dtypes(aggregated: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """Give each aggregated array the dtype it had in ``reference``.
+
+    Flower's averaging strategies compute ``array * weight`` in floating point, so
+    an integer or boolean entry (BatchNorm's ``num_batches_tracked``, a step
+    counter, a mask) comes back as float64 and no longer loads into the model.
+    Such entries are rounded and cast back; floating entries are cast to their
+    original precision.
+    """
+    out = {}
+    for key, array in aggregated.items():
+        want = reference[key].dtype if key in reference else array.dtype
+        if array.dtype == want:
+            out[key] = array
+            continue
+        values = _to_numpy(array)
+        target = np.dtype(want)
+        if target.kind in "biu":
+            values = np.rint(values)
+        cast = values.astype(target)
+        out[key] = Array(
+            dtype=str(cast.dtype), shape=tuple(cast.shape), stype=SType.NUMPY, data=encode(cast)
+        )
+    return ArrayRecord(out)

@@ -11,7 +11,9 @@ model. Fields: ``schema``, ``round``, ``loss`` and ``accuracy`` (the global mode
 on the server's held-out test split), ``train_loss`` (clients' mean, weighted by
 examples; null in round 0), ``clients_sampled``, ``clients_replied``,
 ``clients_failed``, ``seconds`` (wall time of the round), ``elapsed`` (since the
-run started), ``time`` (ISO 8601, UTC). Later versions only add fields; readers
+run started), ``federated_loss`` and ``federated_accuracy`` (clients' own
+evaluation, weighted by examples; null unless ``fraction-evaluate`` > 0),
+``time`` (ISO 8601, UTC). Later versions only add fields; readers
 must ignore fields they do not know. See docs/metrics.md.
 """
 
@@ -50,6 +52,8 @@ class RoundRecord:
     clients_failed: int
     seconds: float
     elapsed: float
+    federated_loss: float | None = None
+    federated_accuracy: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Return the JSON object written for this round."""

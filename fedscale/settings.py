@@ -20,12 +20,12 @@ from .partition import parse_scheme
 
 __all__ = ["RunSettings", "parse_device_name"]
 
-_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 
 
 def parse_device_name(name: str) -> str:
     """Check a device name's syntax: ``auto``, ``cpu``, ``mps``, ``cuda`` or ``cuda:N``."""
-    if not isinstance(name, str) or not _DEVICE_RE.match(name):
+    if not isinstance(name, str) or not _DEVICE_RE.fullmatch(name):
         raise ConfigError(f"device: expected one of auto, cpu, cuda, cuda:N, mps; got {name!r}")
     return name
 

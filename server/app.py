@@ -47,8 +47,12 @@ def _log_to_console_unless_configured() -> None:
 def default_run_dir(settings: RunSettings, root: str | Path = "runs") -> Path:
     """``runs/<dataset>-<model>-<UTC timestamp>``, as an absolute path."""
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    name = f"{_slug(settings.dataset)}-{_slug(settings.model)}-{stamp}"
-    return (Path(root) / name).absolute()
+    base = (Path(root) / f"{_slug(settings.dataset)}-{_slug(settings.model)}-{stamp}").absolute()
+    path, n = base, 1
+    while path.exists():  # two runs started in the same second
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
 
 
 def _slug(text: str) -> str:

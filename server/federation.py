@@ -14,10 +14,10 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from numpy.typing import NDArray
@@ -25,12 +25,19 @@ from numpy.typing import NDArray
 from fedscale.datasets import Dataset, load_dataset
 from fedscale.exceptions import LaunchError
 from fedscale.models import build_model
-from fedscale.records import load_arrays_into, state_dict_to_arrays
+from fedscale.records import conform_dtypes, load_arrays_into, state_dict_to_arrays
 from fedscale.runs import RoundRecord, RunDirectory
 from fedscale.settings import RunSettings
 from fedscale.training import EvalResult, evaluate, resolve_device
 
-__all__ = ["FederationResult", "ROUND_EXTRA_KEY", "run_federation", "wait_for_nodes"]
+__all__ = [
+    "ROUND_EXTRA_KEY",
+    "FederationResult",
+    "default_strategy",
+    "run_federation",
+    "size_for_round",
+    "wait_for_nodes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -69,27 +76,31 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float, poll: float = 1.0) ->
         time.sleep(poll)
 
 
-def default_strategy(settings: RunSettings, available: int) -> FedAvg:
-    """FedAvg sampling ``clients-per-round`` of the ``available`` nodes."""
-    per_round = min(settings.clients_per_round, available)
-    if per_round < settings.clients_per_round:
-        log.warning(
-            "clients-per-round is %d but only %d nodes are connected; sampling %d",
-            settings.clients_per_round,
-            available,
-            per_round,
-        )
-    evaluate_nodes = max(1, round(settings.fraction_evaluate * available))
+def default_strategy(settings: RunSettings) -> FedAvg:
+    """Flower's FedAvg, sized each round by :func:`size_for_round`."""
     return FedAvg(
-        # FedAvg samples max(int(fraction * connected), min_train_nodes) nodes.
-        fraction_train=per_round / available,
-        min_train_nodes=per_round,
         # With fraction-evaluate 0 the round loop never asks for federated
         # evaluation; FedAvg's own 0.0 would only log a warning every run.
         fraction_evaluate=settings.fraction_evaluate or 1.0,
-        min_evaluate_nodes=evaluate_nodes,
-        min_available_nodes=min(settings.min_clients, available),
+        min_available_nodes=1,
     )
+
+
+def size_for_round(strategy: FedAvg, settings: RunSettings, connected: int) -> int:
+    """Make FedAvg sample exactly ``min(clients-per-round, connected)`` nodes.
+
+    FedAvg samples ``max(int(fraction_train * connected), min_train_nodes)`` and
+    waits while fewer than ``min_available_nodes`` are connected; set from the
+    nodes connected now, every round, so nodes that join or leave change the
+    pool but never the number sampled. Returns that number.
+    """
+    per_round = min(settings.clients_per_round, connected)
+    strategy.fraction_train = per_round / connected
+    strategy.min_train_nodes = per_round
+    strategy.min_available_nodes = per_round
+    if settings.fraction_evaluate > 0:
+        strategy.min_evaluate_nodes = max(1, int(settings.fraction_evaluate * connected))
+    return per_round
 
 
 def run_federation(
@@ -122,7 +133,8 @@ def run_federation(
     run_dir.write_config(settings.replace(out=str(run_dir.path)).to_run_config())
 
     available = wait_for_nodes(grid, settings.min_clients, settings.round_timeout)
-    strategy = strategy or default_strategy(settings, len(available))
+    sized_here = strategy is None
+    strategy = strategy or default_strategy(settings)
     log.info(
         "run %s: %d rounds of %s on %s, %d nodes connected",
         run_dir.path.name,
@@ -140,6 +152,16 @@ def run_federation(
 
     for server_round in range(1, settings.num_rounds + 1):
         round_start = time.monotonic()
+        if sized_here:
+            connected = len(wait_for_nodes(grid, 1, settings.round_timeout))
+            per_round = size_for_round(cast(FedAvg, strategy), settings, connected)
+            if per_round < settings.clients_per_round:
+                log.warning(
+                    "round %d: clients-per-round is %d but %d nodes are connected",
+                    server_round,
+                    settings.clients_per_round,
+                    connected,
+                )
         train_config = ConfigRecord(
             {
                 "lr": settings.lr,
@@ -152,30 +174,32 @@ def run_federation(
         replies = _send(grid, messages, settings.round_timeout)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
-            arrays = new_arrays
+            arrays = conform_dtypes(new_arrays, arrays)
         failed = sum(r.has_error() for r in replies) + len(messages) - len(replies)
 
+        federated = None
         if settings.fraction_evaluate > 0:
             eval_config = ConfigRecord({"num-classes": dataset.num_classes})
             eval_messages = list(
                 strategy.configure_evaluate(server_round, arrays, eval_config, grid)
             )
             eval_replies = _send(grid, eval_messages, settings.round_timeout)
-            strategy.aggregate_evaluate(server_round, eval_replies)
+            federated = strategy.aggregate_evaluate(server_round, eval_replies)
 
         result = _evaluate_global(model, arrays, dataset, device)
         run_dir.save_global_model(server_round, _numpy(arrays))
-        train_loss = train_metrics.get("train-loss") if train_metrics else None
         now = time.monotonic()
         record = _record(
             server_round,
             result,
-            float(train_loss) if isinstance(train_loss, int | float) else None,
+            _metric(train_metrics, "train-loss"),
             len(messages),
             len(messages) - failed,
             failed,
             now - round_start,
             now - started,
+            federated_loss=_metric(federated, "eval-loss"),
+            federated_accuracy=_metric(federated, "eval-accuracy"),
         )
         records.append(record)
         _emit(run_dir, record, settings.num_rounds)
@@ -196,6 +220,11 @@ def _evaluate_global(
     return evaluate(model, dataset.x_test, dataset.y_test, device=device)
 
 
+def _metric(metrics: MetricRecord | None, key: str) -> float | None:
+    value = metrics.get(key) if metrics else None
+    return float(value) if isinstance(value, int | float) else None
+
+
 def _numpy(arrays: ArrayRecord) -> dict[str, NDArray[Any]]:
     return {key: array.numpy() for key, array in arrays.items()}
 
@@ -209,6 +238,9 @@ def _record(
     failed: int,
     seconds: float,
     elapsed: float,
+    *,
+    federated_loss: float | None = None,
+    federated_accuracy: float | None = None,
 ) -> RoundRecord:
     return RoundRecord(
         round=server_round,
@@ -220,6 +252,8 @@ def _record(
         clients_failed=failed,
         seconds=round(seconds, 4),
         elapsed=round(elapsed, 4),
+        federated_loss=federated_loss,
+        federated_accuracy=federated_accuracy,
     )
 
 

@@ -26,6 +26,7 @@ from fedscale.flower_app import write_app_dir
 from fedscale.processes import (
     flower_executable,
     is_loopback,
+    join_address,
     start,
     stop,
     wait_for_port,
@@ -62,7 +63,9 @@ class ServerOptions:
     @property
     def connect_host(self) -> str:
         """The address local clients (``flwr run``) use to reach the SuperLink."""
-        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        if self.host in ("0.0.0.0", ""):
+            return "127.0.0.1"
+        return "::1" if self.host == "::" else self.host
 
 
 def flwr_home_config(address: str) -> str:
@@ -99,7 +102,7 @@ def serve_federation(
     scratch = Path(tempfile.mkdtemp(prefix="fedscale-server-"))
     env = {**os.environ, "FLWR_HOME": str(scratch / "flwr-home")}
     (scratch / "flwr-home").mkdir()
-    address = f"{options.connect_host}:{options.port}"
+    address = join_address(options.connect_host, options.port)
     (scratch / "flwr-home" / "config.toml").write_text(flwr_home_config(address))
     app_dir = write_app_dir(scratch / "app", settings.to_run_config())
 

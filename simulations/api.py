@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,6 +18,9 @@ from fedscale.settings import RunSettings
 __all__ = ["Engine", "SimulationResult", "run_apps", "simulate"]
 
 Engine = Literal["inprocess", "ray"]
+# Names for functions passed to simulate(): unique for the process's lifetime
+# (an id() could be reused by a later object, and names are never rebound).
+_REGISTRATIONS = itertools.count(1)
 ENGINES: tuple[str, ...] = ("inprocess", "ray")
 
 
@@ -62,6 +66,8 @@ def simulate(
             f"clients-per-round: expected at most the number of clients ({clients}), "
             f"got {settings.clients_per_round}"
         )
+    # Every virtual node is there from the start: never wait for more.
+    settings = settings.replace(min_clients=min(settings.min_clients, clients))
     if not settings.out:
         from fedscale.server.app import default_run_dir
 
@@ -135,6 +141,6 @@ def _register(value: Any, engine: str, register: Callable[[str, Any], None], wha
             f"{what}: a function works only with the in-process engine (other "
             "processes cannot see it); give MODULE:ATTR instead"
         )
-    name = f"user-{what}-{getattr(value, '__qualname__', 'fn')}-{id(value):x}"
+    name = f"user-{what}-{getattr(value, '__qualname__', 'fn')}-{next(_REGISTRATIONS)}"
     register(name, value)
     return name

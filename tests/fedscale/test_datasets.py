@@ -125,3 +125,25 @@ def test_module_attr_and_registered_functions():
     assert load_dataset("blobs", seed=0, test_fraction=0.5).num_classes == 2
     with pytest.raises(DataError, match="built in"):
         register_dataset("digits", make_blobs)
+
+
+def test_a_registered_name_is_never_rebound():
+    register_dataset("blobs-once", make_blobs)
+    register_dataset("blobs-once", make_blobs)  # the same function again is fine
+    with pytest.raises(DataError, match="already registered"):
+        register_dataset("blobs-once", lambda: make_blobs())
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_a_dataset_too_small_to_split_is_a_clear_error(tmp_path, rows):
+    path = tmp_path / "tiny.npz"
+    np.savez(path, x=np.zeros((rows, 3)), y=np.arange(rows))
+    with pytest.raises(DataError, match=r"expected at least one training and one test sample"):
+        load_dataset(str(path), seed=0, test_fraction=0.2)
+
+
+def test_a_header_only_csv_is_a_clear_error(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("a,b,label\n")
+    with pytest.raises(DataError, match="expected at least one data row"):
+        load_local_data(path)

@@ -85,6 +85,7 @@ def test_duplication_opt_in_repeats_partitions_documented_way():
         "dirichlet:x",
         "shards:0",
         "shards:1.5",
+        "shards:\u00b2",
         "random",
     ],
 )

@@ -65,3 +65,22 @@ def test_loading_mismatched_arrays_names_the_difference():
     cnn = build_model("cnn", (1, 8, 8), 10)
     with pytest.raises(RecordError, match=r"missing \['net.1.weight'"):
         load_arrays_into(mlp, state_dict_to_arrays(cnn.state_dict()))
+
+
+def test_conform_dtypes_restores_integer_and_float_precision():
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from fedscale.records import conform_dtypes
+
+    def record(**arrays):
+        return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+    reference = record(
+        w=np.zeros(3, np.float32), n=np.array(4, np.int64), mask=np.array([True, False])
+    )
+    averaged = record(w=np.array([0.5, 1.0, 1.5]), n=np.array(6.6), mask=np.array([0.9, 0.2]))
+    out = conform_dtypes(averaged, reference)
+    assert out["w"].numpy().dtype == np.float32 and out["w"].numpy().tolist() == [0.5, 1.0, 1.5]
+    assert out["n"].numpy().dtype == np.int64 and int(out["n"].numpy()) == 7
+    assert out["mask"].numpy().tolist() == [True, False]

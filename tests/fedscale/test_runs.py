@@ -38,6 +38,8 @@ def test_metrics_lines_follow_the_schema(tmp_path):
         "clients_failed",
         "seconds",
         "elapsed",
+        "federated_loss",
+        "federated_accuracy",
         "time",
     }
     assert rows[0]["schema"] == METRICS_SCHEMA_VERSION

@@ -36,7 +36,7 @@ def test_asking_for_mps_without_it_is_an_error():
         resolve_device("mps")
 
 
-@pytest.mark.parametrize("name", ["gpu", "cuda:x", "CPU", ""])
+@pytest.mark.parametrize("name", ["gpu", "cuda:x", "CPU", "", "cpu\n", "cuda:\u0662"])
 def test_bad_device_names_are_config_errors(name):
     with pytest.raises(ConfigError, match=r"expected one of auto, cpu, cuda, cuda:N, mps"):
         resolve_device(name)

@@ -100,3 +100,47 @@ def test_cli_errors_are_one_clear_line_and_exit_2(tmp_path):
     assert "error:" in result.output and "dirichlet:<alpha>" in result.output
     result = _cli("--engine", "spark")
     assert result.exit_code == 2 and "expected inprocess or ray" in result.output
+
+
+def test_models_with_integer_buffers_survive_aggregation(tmp_path):
+    from torch import nn
+
+    def with_batchnorm(input_shape, num_classes):
+        return nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64, 32),
+            nn.BatchNorm1d(32),
+            nn.ReLU(),
+            nn.Linear(32, num_classes),
+        )
+
+    result = simulate(
+        out=str(tmp_path / "r"),
+        model=with_batchnorm,
+        clients=6,
+        clients_per_round=3,
+        num_rounds=3,
+        local_epochs=1,
+    )
+    final = result.run_dir.load_global_model(3)
+    assert final["2.num_batches_tracked"].dtype == np.int64
+    assert final["2.running_mean"].dtype == np.float32
+    assert result.final_accuracy > result.rounds[0]["accuracy"]
+
+
+def test_federated_evaluation_is_recorded(tmp_path):
+    result = simulate(
+        out=str(tmp_path / "r"),
+        clients=10,
+        clients_per_round=4,
+        num_rounds=2,
+        fraction_evaluate=0.5,
+    )
+    assert result.rounds[0]["federated_accuracy"] is None
+    for row in result.rounds[1:]:
+        assert 0.0 <= row["federated_accuracy"] <= 1.0 and row["federated_loss"] > 0
+
+
+def test_a_single_client_federation_runs(tmp_path):
+    result = simulate(out=str(tmp_path / "r"), clients=1, clients_per_round=1, num_rounds=2)
+    assert [r["clients_replied"] for r in result.rounds] == [0, 1, 1]
