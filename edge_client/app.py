@@ -89,8 +89,8 @@ def _prepare(
 
 
 def _config(msg: Message) -> ConfigRecord:
-    records = msg.content.config_records
-    return next(iter(records.values())) if records else ConfigRecord()
+    records = [r for r in msg.content.values() if isinstance(r, ConfigRecord)]
+    return records[0] if records else ConfigRecord()
 
 
 def _config_float(config: ConfigRecord, key: str, default: float) -> float:
@@ -112,7 +112,7 @@ def _config_int(config: ConfigRecord, key: str, default: int) -> int:
 def _global_model(
     msg: Message, settings: RunSettings, config: ConfigRecord, data: NodeData
 ) -> nn.Module:
-    arrays = msg.content.array_records
+    arrays = [r for r in msg.content.values() if isinstance(r, ArrayRecord)]
     if len(arrays) != 1:
         raise RecordError(
             f"message: expected one ArrayRecord holding the global model, got {len(arrays)}"
@@ -126,7 +126,7 @@ def _global_model(
             f"{data.source}: expected labels below {num_classes} (the global model's "
             f"classes), got label {labels_max}"
         )
-    record: ArrayRecord = next(iter(arrays.values()))
+    record = arrays[0]
     model = _cached_model(settings.model, tuple(data.x_train.shape[1:]), num_classes)
     load_arrays_into(model, record)
     return model

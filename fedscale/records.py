@@ -47,13 +47,24 @@ def state_dict_to_arrays(state_dict: Mapping[str, torch.Tensor]) -> ArrayRecord:
                 f"state dict entry {key!r}: expected a dtype numpy can hold, got "
                 f"{tensor.dtype}; cast the model (e.g. model.float()) before sending"
             )
-    arrays = {}
+    record = ArrayRecord()
+    items = record.__dict__["_data"]
     for key, tensor in state_dict.items():
-        array = tensor.detach().cpu().numpy()
-        arrays[key] = Array(
-            dtype=str(array.dtype), shape=tuple(array.shape), stype=SType.NUMPY, data=encode(array)
-        )
-    return ArrayRecord(arrays)
+        items[key] = _array(tensor.detach().cpu().numpy())
+    return record
+
+
+def _array(array: npt.NDArray[Any]) -> Array:
+    # The same object as Array(dtype=..., shape=..., stype=..., data=...) and an
+    # ArrayRecord filled through its checked __setitem__, built without the
+    # argument parsing and per-item checks that cost more than a small model's
+    # encoding; the inputs are a state dict's str keys and numpy arrays.
+    # tests/fedscale/test_records.py compares it with the public constructors.
+    out: Array = object.__new__(Array)
+    out.__dict__.update(
+        dtype=str(array.dtype), shape=tuple(array.shape), stype=SType.NUMPY, data=encode(array)
+    )
+    return out
 
 
 def arrays_to_state_dict(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:

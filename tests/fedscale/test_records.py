@@ -84,3 +84,23 @@ def test_conform_dtypes_restores_integer_and_float_precision():
     assert out["w"].numpy().dtype == np.float32 and out["w"].numpy().tolist() == [0.5, 1.0, 1.5]
     assert out["n"].numpy().dtype == np.int64 and int(out["n"].numpy()) == 7
     assert out["mask"].numpy().tolist() == [True, False]
+
+
+def test_fast_record_building_equals_flowers_public_constructors():
+    from flwr.app import ArrayRecord
+
+    model = build_model("cnn", (1, 8, 8), 10, seed=3)
+    fast = state_dict_to_arrays(model.state_dict())
+    public = ArrayRecord(model.state_dict())
+    assert fast == public
+    assert list(fast) == list(public)
+    assert fast.object_id == public.object_id
+    for key in public:
+        assert fast[key].object_id == public[key].object_id
+        assert (fast[key].dtype, fast[key].shape, fast[key].stype) == (
+            public[key].dtype,
+            public[key].shape,
+            public[key].stype,
+        )
+    fast["extra"] = public[next(iter(public))]  # a fast-built record stays a normal one
+    assert len(fast) == len(public) + 1
