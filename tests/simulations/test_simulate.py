@@ -144,3 +144,25 @@ def test_federated_evaluation_is_recorded(tmp_path):
 def test_a_single_client_federation_runs(tmp_path):
     result = simulate(out=str(tmp_path / "r"), clients=1, clients_per_round=1, num_rounds=2)
     assert [r["clients_replied"] for r in result.rounds] == [0, 1, 1]
+
+
+def test_cli_takes_user_dataset_and_model_by_module_attr(tmp_path):
+    result = _cli(
+        "--dataset",
+        "tests.fedscale.test_datasets:make_blobs",
+        "--model",
+        "tests.fedscale.test_models:small_net",
+        "--clients",
+        "4",
+        "--per-round",
+        "2",
+        "--rounds",
+        "3",
+        "--out",
+        str(tmp_path / "r"),
+    )
+    assert result.exit_code == 0, result.output
+    rows = RunDirectory(tmp_path / "r").read_metrics()
+    assert rows[-1]["accuracy"] > max(0.75, rows[0]["accuracy"])
+    config = (tmp_path / "r" / "config.toml").read_text()
+    assert 'model = "tests.fedscale.test_models:small_net"' in config
