@@ -52,11 +52,11 @@ BatchSize = Annotated[int, typer.Option(help="Local minibatch size.")]
 LearningRate = Annotated[float, typer.Option("--lr", help="Local SGD learning rate.")]
 Seed = Annotated[int, typer.Option(help="Seed for data split, partitions, init, sampling.")]
 DeviceOpt = Annotated[
-    str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda[:N], mps.")
+    str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps.")
 ]
 OutOpt = Annotated[
     Path | None,
-    typer.Option(help="Run folder [default: runs/<dataset>-<model>-<time>]."),
+    typer.Option(help="Run folder (default: runs/<dataset>-<model>-<time>)."),
 ]
 FractionEvaluate = Annotated[
     float, typer.Option(help="Fraction of clients that also evaluate each round.")
@@ -201,11 +201,11 @@ def edge_client(
     ] = None,
     device: Annotated[
         str | None,
-        typer.Option(help="Train on auto, cpu, cuda[:N] or mps [default: run's]."),
+        typer.Option(help="Train on auto, cpu, cuda:N or mps (default: the run's device)."),
     ] = None,
     port: Annotated[
         int | None,
-        typer.Option(help="Local port for the SuperNode's ClientApp API [default: free]."),
+        typer.Option(help="Local port for the SuperNode's ClientApp API (default: a free one)."),
     ] = None,
     insecure: Annotated[
         bool, typer.Option(help="Allow plaintext to a non-loopback server.")
