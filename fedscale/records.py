@@ -124,8 +124,5 @@ def conform_dtypes(aggregated: ArrayRecord, reference: ArrayRecord) -> ArrayReco
         target = np.dtype(want)
         if target.kind in "biu":
             values = np.rint(values)
-        cast = values.astype(target)
-        out[key] = Array(
-            dtype=str(cast.dtype), shape=tuple(cast.shape), stype=SType.NUMPY, data=encode(cast)
-        )
+        out[key] = _array(values.astype(target))
     return ArrayRecord(out)
