@@ -9,9 +9,11 @@ Every message says what was expected and what arrived. The tree::
     ├── ModelError             a model name or factory is unknown or broken
     ├── DeviceError            the requested compute device is not available
     ├── RecordError            arrays do not match the model they are loaded into
+    ├── ModelStoreError        a model directory, manifest or model file is bad
     └── LaunchError            a SuperLink, SuperNode or simulation failed to start
 
-``ConfigError``, ``DataError``, ``ModelError`` and ``RecordError`` also derive
+``ConfigError``, ``DataError``, ``ModelError``, ``RecordError`` and
+``ModelStoreError`` also derive
 from ``ValueError`` so that callers who catch the built-in keep working.
 """
 
@@ -24,6 +26,7 @@ __all__ = [
     "FedscaleError",
     "LaunchError",
     "ModelError",
+    "ModelStoreError",
     "PartitionError",
     "RecordError",
 ]
@@ -55,6 +58,10 @@ class DeviceError(FedscaleError):
 
 class RecordError(FedscaleError, ValueError):
     """Arrays do not match the model they are loaded into."""
+
+
+class ModelStoreError(FedscaleError, ValueError):
+    """A model directory, its manifest or a model file is missing, corrupt or mismatched."""
 
 
 class LaunchError(FedscaleError):

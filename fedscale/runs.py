@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -33,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .exceptions import ConfigError, DataError
+from .files import atomic_write
 
 __all__ = ["METRICS_SCHEMA_VERSION", "RoundRecord", "RunDirectory"]
 
@@ -107,7 +107,7 @@ class RunDirectory:
         """Write the run's settings as TOML."""
         import tomli_w  # lazy: only the server writes run folders
 
-        _atomic_write(self.config_path, tomli_w.dumps(dict(config)).encode())
+        atomic_write(self.config_path, tomli_w.dumps(dict(config)).encode())
 
     def append_metrics(self, record: RoundRecord) -> None:
         """Append one round to ``metrics.jsonl`` and flush it to disk."""
@@ -141,7 +141,7 @@ class RunDirectory:
         meta.update(metadata or {})
         data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=meta)
         path = self.checkpoint_path(server_round)
-        _atomic_write(path, data)
+        atomic_write(path, data)
         return path
 
     def load_global_model(self, server_round: int) -> dict[str, npt.NDArray[Any]]:
@@ -154,19 +154,3 @@ class RunDirectory:
         with safe_open(str(path), framework="numpy") as handle:
             keys = json.loads(handle.metadata()["keys"])
             return {k: handle.get_tensor(k) for k in keys}
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    # Write a temporary file beside the target, then rename it over the target:
-    # a reader sees the old file or the new one, never half of one.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
