@@ -93,6 +93,13 @@ def load_dataset(
         given_test = None
     elif spec in _REGISTERED:
         x, y, given_test = _from_function(spec, _REGISTERED[spec])
+    elif spec in ("shakespeare", "synthetic") or spec.startswith("synthetic:"):
+        # Natural-client datasets have no pooled form: each client's data is built
+        # on demand by fedscale.population.data_provider.
+        raise DataError(
+            f"dataset {spec}: expected a pooled dataset here, but {spec.partition(':')[0]} is "
+            "built per client; load it with fedscale.population.data_provider"
+        )
     elif _looks_like_path(spec):
         x, y, given_test = _from_file(Path(spec), label_column)
     elif ":" in spec:

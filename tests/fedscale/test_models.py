@@ -60,7 +60,11 @@ def test_user_factories_by_module_attr_and_registration():
 @pytest.mark.parametrize(
     ("spec", "shape", "message"),
     [
-        ("resnet", (1, 8, 8), r"expected one of mlp, cnn or MODULE:ATTR, got 'resnet'"),
+        (
+            "resnet",
+            (1, 8, 8),
+            r"expected one of mlp, cnn, char-lstm, char-lstm-small or MODULE:ATTR, got 'resnet'",
+        ),
         (
             "tests.fedscale.test_models:not_a_module",
             (3,),
