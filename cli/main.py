@@ -62,6 +62,13 @@ FractionEvaluate = Annotated[
     float, typer.Option(help="Fraction of clients that also evaluate each round.")
 ]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's own logs.")]
+KeepModels = Annotated[
+    int, typer.Option(help="ONNX models kept in the run's models/ folder (the newest).")
+]
+ExportOnnx = Annotated[
+    bool,
+    typer.Option(help="Export each round's global model to ONNX (models/), checked against torch."),
+]
 
 
 def _version(value: bool) -> None:
@@ -101,6 +108,8 @@ def simulate(
     seed: Seed = _D.seed,
     device: DeviceOpt = _D.device,
     fraction_evaluate: FractionEvaluate = _D.fraction_evaluate,
+    keep_models: KeepModels = _D.keep_models,
+    export_onnx: ExportOnnx = _D.export_onnx,
     out: OutOpt = None,
     server_app: Annotated[
         str | None,
@@ -161,10 +170,16 @@ def server(
     seed: Seed = _D.seed,
     device: DeviceOpt = _D.device,
     fraction_evaluate: FractionEvaluate = _D.fraction_evaluate,
+    keep_models: KeepModels = _D.keep_models,
+    export_onnx: ExportOnnx = _D.export_onnx,
     round_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for replies (and for SuperNodes).")
     ] = _D.round_timeout,
     out: OutOpt = None,
+    models_port: Annotated[
+        int,
+        typer.Option(help="Publish the run's models/ over HTTP on this port (0: off)."),
+    ] = 0,
     verbose: Verbose = False,
 ) -> None:
     """Start a Flower SuperLink and run fedscale's ServerApp on it."""
@@ -173,7 +188,7 @@ def server(
         from fedscale.server.app import default_run_dir
         from fedscale.server.launcher import ServerOptions, serve_federation
 
-        options = ServerOptions(host=host, port=port, insecure=insecure)
+        options = ServerOptions(host=host, port=port, insecure=insecure, models_port=models_port)
         settings = _settings_from_options(locals())
         run_dir = out.absolute() if out else default_run_dir(settings)
         settings = settings.replace(out=str(run_dir))
@@ -181,6 +196,8 @@ def server(
             f"SuperLink on {host}:{port}; waiting for {min_clients} SuperNodes "
             f"(fedscale edge-client --server {options.connect_host}:{port} ...)"
         )
+        if models_port:
+            console.print(f"models published at http://{options.connect_host}:{models_port}/")
         with RoundProgress(console, total=settings.num_rounds) as progress:
             result = serve_federation(settings, options, on_round=progress.update)
         print_summary(stdout, result.read_metrics(), result.path)
@@ -342,6 +359,13 @@ def _errors() -> Iterator[None]:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         raise typer.Exit(130) from None
+
+
+from . import export  # noqa: E402 - registers after the app's own commands
+from . import serve as serve_command  # noqa: E402
+
+export.register(app)
+serve_command.register(app)
 
 
 def run() -> None:

@@ -6,11 +6,18 @@ the node's ``node_config`` (see :mod:`fedscale.node_data`); the run's settings
 come from the run config, and per-round values (learning rate, local epochs,
 batch size) from the server's ``config`` record, so a server may change them
 between rounds.
+
+A node whose ``node_config`` has ``model-dir`` also keeps a model directory
+(:mod:`fedscale.modelstore`): on every train message it exports the global
+model it received to ONNX and publishes it there before training, so a device
+serves the federation's newest model.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,14 +32,22 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from fedscale.exceptions import DataError, RecordError
+from fedscale.exceptions import ConfigError, DataError, FedscaleError, RecordError
 from fedscale.models import build_model
 from fedscale.node_data import NodeData, node_data, node_device_name
 from fedscale.records import load_arrays_into, state_dict_to_arrays
 from fedscale.settings import RunSettings
 from fedscale.training import evaluate, resolve_device, train
 
-__all__ = ["app"]
+if TYPE_CHECKING:
+    from fedscale.export import OnnxExporter
+
+__all__ = ["MODEL_DIR_KEY", "app"]
+
+log = logging.getLogger(__name__)
+
+# node_config key naming the device's model directory (`edge-client --model-dir`).
+MODEL_DIR_KEY = "model-dir"
 
 app = ClientApp()
 
@@ -41,6 +56,9 @@ app = ClientApp()
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the received global model for the configured local epochs."""
     settings, config, data, device, model = _prepare(msg, context)
+    if MODEL_DIR_KEY in context.node_config:
+        # Before training: `model` holds the received global model until train() runs.
+        _publish_received(model, settings, config, data, context)
     result = train(
         model,
         data.x_train,
@@ -145,6 +163,59 @@ def _cached_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> 
     key = (spec, input_shape, num_classes)
     if key not in cache:
         cache[key] = build_model(spec, input_shape, num_classes)
+    return cache[key]
+
+
+def _publish_received(
+    model: nn.Module,
+    settings: RunSettings,
+    config: ConfigRecord,
+    data: NodeData,
+    context: Context,
+) -> None:
+    """Export the received global model into the node's model directory.
+
+    The server's round ``r`` message carries the global model after round
+    ``r - 1``, so it is published as round ``r - 1``: a device's
+    ``model-0003.onnx`` is the server's ``model-0003.onnx``, byte for byte.
+    A failure is logged and training goes on: serving must never cost the
+    federation a reply.
+    """
+    try:
+        model_dir = context.node_config[MODEL_DIR_KEY]
+        if not isinstance(model_dir, str) or not model_dir:
+            raise ConfigError(
+                f"node config {MODEL_DIR_KEY!r}: expected a folder path, got {model_dir!r}"
+            )
+        if "server-round" not in config:
+            raise RecordError(
+                "config 'server-round': expected the round number from the server "
+                "(it names the model), got none"
+            )
+        server_round = _config_int(config, "server-round", 1)
+        exported = _cached_exporter(data.x_train).export(
+            model, what=f"model {settings.model!r} of round {server_round - 1}"
+        )
+        exported.publish(model_dir, server_round=server_round - 1, keep=settings.keep_models)
+    except (FedscaleError, OSError) as err:
+        log.error("model directory not updated: %s", err)
+    except Exception:
+        log.exception("model directory not updated: unexpected error")
+
+
+_exporters = threading.local()
+
+
+def _cached_exporter(x: np.ndarray[Any, Any]) -> OnnxExporter:
+    # Like the models: one exporter per thread and kind of sample, reused across
+    # messages (its parity inputs and session options are built once).
+    from fedscale.export import OnnxExporter  # onnxruntime loads only for a model-dir
+
+    codes = (int(x.min()), int(x.max())) if np.issubdtype(x.dtype, np.integer) else None
+    key = (tuple(x.shape[1:]), x.dtype.str, codes)
+    cache: dict[object, OnnxExporter] = _exporters.__dict__.setdefault("by_data", {})
+    if key not in cache:
+        cache[key] = OnnxExporter.for_data(x)
     return cache[key]
 
 

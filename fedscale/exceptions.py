@@ -7,6 +7,7 @@ Every message says what was expected and what arrived. The tree::
     │   └── PartitionError     a partition scheme cannot be applied to the data
     ├── DataError              a dataset is missing, unreadable or inconsistent
     ├── ModelError             a model name or factory is unknown or broken
+    │   └── ExportError        a model cannot be exported to ONNX faithfully
     ├── DeviceError            the requested compute device is not available
     ├── RecordError            arrays do not match the model they are loaded into
     ├── ModelStoreError        a model directory, manifest or model file is bad
@@ -23,6 +24,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DeviceError",
+    "ExportError",
     "FedscaleError",
     "LaunchError",
     "ModelError",
@@ -50,6 +52,10 @@ class DataError(FedscaleError, ValueError):
 
 class ModelError(FedscaleError, ValueError):
     """A model name or model factory is unknown or returns the wrong thing."""
+
+
+class ExportError(ModelError):
+    """A model cannot be exported to ONNX, or its export computes something else than torch."""
 
 
 class DeviceError(FedscaleError):

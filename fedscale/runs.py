@@ -5,6 +5,8 @@
     config.toml                   the run settings, as run
     metrics.jsonl                 one JSON object per round (schema below)
     checkpoints/round-0003.safetensors   the global model after round 3
+    models/                       the newest global models as ONNX, with manifest.json
+                                  (fedscale.modelstore; written unless export-onnx is false)
 
 ``metrics.jsonl`` (``schema`` 1): one line per round, round 0 being the initial
 model. Fields: ``schema``, ``round``, ``loss`` and ``accuracy`` (the global model
@@ -92,6 +94,11 @@ class RunDirectory:
     def checkpoints(self) -> Path:
         """``checkpoints/``: the global model of every round."""
         return self.path / "checkpoints"
+
+    @property
+    def models(self) -> Path:
+        """``models/``: the run's model directory (see :mod:`fedscale.modelstore`)."""
+        return self.path / "models"
 
     def create(self) -> RunDirectory:
         """Create the folder for a new run; refuse one that already holds a run."""

@@ -53,6 +53,8 @@ class RunSettings:
     allow_duplicate_samples: bool = False
     model: str = "mlp"
     device: str = "auto"
+    keep_models: int = 5
+    export_onnx: bool = True
     out: str = ""
 
     def __post_init__(self) -> None:
@@ -92,6 +94,7 @@ class RunSettings:
         )
         _check(bool(self.dataset), "dataset", "a dataset name or path", self.dataset)
         _check(bool(self.model), "model", "a model name or MODULE:ATTR", self.model)
+        _check(self.keep_models >= 1, "keep-models", "an integer >= 1", self.keep_models)
         parse_scheme(self.partition)
         parse_device_name(self.device)
 
@@ -166,6 +169,8 @@ _FIELD_TYPES: dict[str, type] = {
     "allow_duplicate_samples": bool,
     "model": str,
     "device": str,
+    "keep_models": int,
+    "export_onnx": bool,
     "out": str,
 }
 

@@ -3,18 +3,20 @@
 It drives any Flower ``Strategy`` through its four hooks (``configure_train``,
 ``aggregate_train``, ``configure_evaluate``, ``aggregate_evaluate``) instead of
 calling ``Strategy.start``, because the server must act between rounds: evaluate
-the global model on its held-out split, store it, and write ``metrics.jsonl``
-before the next round begins (``start`` only returns at the end).
+the global model on its held-out split, store it, export it to the run's model
+directory, and write ``metrics.jsonl`` before the next round begins (``start``
+only returns at the end).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -23,12 +25,15 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from numpy.typing import NDArray
 
 from fedscale.datasets import Dataset, load_dataset
-from fedscale.exceptions import LaunchError
+from fedscale.exceptions import ExportError, LaunchError
 from fedscale.models import build_model
 from fedscale.records import conform_dtypes, load_arrays_into, state_dict_to_arrays
 from fedscale.runs import RoundRecord, RunDirectory
 from fedscale.settings import RunSettings
 from fedscale.training import EvalResult, evaluate, resolve_device
+
+if TYPE_CHECKING:
+    from fedscale.export import OnnxExporter
 
 __all__ = [
     "ROUND_EXTRA_KEY",
@@ -113,7 +118,9 @@ def run_federation(
     """Run ``settings.num_rounds`` rounds of federated training on ``grid``.
 
     Writes ``config.toml``, ``metrics.jsonl`` and one checkpoint per round into
-    ``out`` and returns the result.
+    ``out``, and (unless ``export-onnx`` is false) each round's global model as
+    ONNX into ``out/models``, keeping the newest ``keep-models``; returns the
+    result.
     """
     # Flower's samplers draw from the `random` module: seed it for repeatable runs.
     random.seed(settings.seed)
@@ -131,6 +138,7 @@ def run_federation(
     arrays = state_dict_to_arrays(model.state_dict())
     run_dir = RunDirectory(out).create()
     run_dir.write_config(settings.replace(out=str(run_dir.path)).to_run_config())
+    exporter = _exporter(settings, dataset)
 
     available = wait_for_nodes(grid, settings.min_clients, settings.round_timeout)
     sized_here = strategy is None
@@ -148,6 +156,14 @@ def run_federation(
     initial = evaluate(model, dataset.x_test, dataset.y_test, device=device)
     records = [_record(0, initial, None, 0, 0, 0, 0.0, 0.0)]
     run_dir.save_global_model(0, _numpy(arrays))
+    if exporter is not None:
+        try:
+            _publish(exporter, model, run_dir, 0, initial, settings)
+        except ExportError as err:
+            # Refuse the run before any training: every later round would be refused too.
+            raise ExportError(
+                f"{err}; set export-onnx = false (--no-export-onnx) to train without ONNX models"
+            ) from err
     _emit(run_dir, records[-1], settings.num_rounds)
 
     for server_round in range(1, settings.num_rounds + 1):
@@ -188,6 +204,12 @@ def run_federation(
 
         result = _evaluate_global(model, arrays, dataset, device)
         run_dir.save_global_model(server_round, _numpy(arrays))
+        if exporter is not None:
+            try:
+                _publish(exporter, model, run_dir, server_round, result, settings)
+            except ExportError as err:
+                # The model directory keeps the last model that passed; training goes on.
+                log.error("round %d: global model not published: %s", server_round, err)
         now = time.monotonic()
         record = _record(
             server_round,
@@ -218,6 +240,44 @@ def _evaluate_global(
 ) -> EvalResult:
     load_arrays_into(model, arrays)
     return evaluate(model, dataset.x_test, dataset.y_test, device=device)
+
+
+def _exporter(settings: RunSettings, dataset: Dataset) -> OnnxExporter | None:
+    if not settings.export_onnx:
+        return None
+    from fedscale.export import OnnxExporter  # onnxruntime loads only when exporting
+
+    # One exporter for the run: parity inputs and session options are built once.
+    return OnnxExporter.for_data(dataset.x_train, seed=settings.seed)
+
+
+def _publish(
+    exporter: OnnxExporter,
+    model: torch.nn.Module,
+    run_dir: RunDirectory,
+    server_round: int,
+    result: EvalResult,
+    settings: RunSettings,
+) -> None:
+    """Export the global model (already loaded into ``model``) and make it current."""
+    started = time.perf_counter()
+    exported = exporter.export(model, what=f"model {settings.model!r} of round {server_round}")
+    # JSON has no NaN: a diverged loss is left out of the manifest's metrics.
+    metrics = {
+        key: value
+        for key, value in (("accuracy", result.accuracy), ("loss", result.loss))
+        if math.isfinite(value)
+    }
+    manifest = exported.publish(
+        run_dir.models, server_round=server_round, metrics=metrics, keep=settings.keep_models
+    )
+    log.debug(
+        "round %d: published %s (sha256 %s) in %.1f ms",
+        server_round,
+        manifest.file,
+        manifest.sha256[:12],
+        (time.perf_counter() - started) * 1e3,
+    )
 
 
 def _metric(metrics: MetricRecord | None, key: str) -> float | None:

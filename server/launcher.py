@@ -5,6 +5,10 @@ submits the run with ``flwr run`` against it, follows ``metrics.jsonl`` to repor
 each round, and stops every process it started, by PID, when the run ends or
 fails. The SuperLink runs with ``--disable-runtime-dependency-installation``:
 the SuperLink and every SuperNode use the fedscale installed beside them.
+
+With ``models_port`` it also publishes the run's model directory over HTTP
+(:class:`fedscale.model_publisher.ModelPublisher`), on the SuperLink's host,
+for devices that only serve; it stops with the rest.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 from fedscale.exceptions import ConfigError, LaunchError
 from fedscale.flower_app import write_app_dir
+from fedscale.model_publisher import ModelPublisher
 from fedscale.processes import (
     flower_executable,
     is_loopback,
@@ -50,6 +55,8 @@ class ServerOptions:
     port: int = 8000
     insecure: bool = False
     startup_timeout: float = 30.0
+    models_port: int = 0
+    """Publish the run's model directory over HTTP on this port; 0: don't."""
 
     def __post_init__(self) -> None:
         if not is_loopback(self.host) and not self.insecure:
@@ -59,6 +66,15 @@ class ServerOptions:
             )
         if not 0 < self.port < 65536:
             raise ConfigError(f"port: expected 1-65535, got {self.port}")
+        if not 0 <= self.models_port < 65536:
+            raise ConfigError(
+                f"models port: expected 1-65535, or 0 for none, got {self.models_port}"
+            )
+        if self.models_port == self.port:
+            raise ConfigError(
+                f"models port: expected a port other than the SuperLink's ({self.port}), "
+                f"got {self.models_port}"
+            )
 
     @property
     def connect_host(self) -> str:
@@ -107,7 +123,13 @@ def serve_federation(
     app_dir = write_app_dir(scratch / "app", settings.to_run_config())
 
     processes: list[subprocess.Popen[bytes]] = []
+    publisher = None
     try:
+        if options.models_port:
+            # First, so that a taken port fails before any process starts.
+            publisher = ModelPublisher(
+                run_dir.models, host=options.host, port=options.models_port
+            ).start()
         superlink_log = logs / "superlink.log"
         superlink = start(
             [
@@ -166,6 +188,8 @@ def serve_federation(
     finally:
         for process in reversed(processes):
             stop(process)
+        if publisher is not None:
+            publisher.stop()
         shutil.rmtree(scratch, ignore_errors=True)
 
 

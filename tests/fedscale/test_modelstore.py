@@ -135,3 +135,10 @@ def test_a_concurrent_reader_always_sees_a_complete_model(tmp_path):
     assert not thread.is_alive()
     assert reads > 0
     assert failures == []
+
+
+def test_published_files_are_readable_by_other_users(tmp_path):
+    directory = ModelDirectory(tmp_path)
+    manifest = _publish(directory, 1)
+    for name in (manifest.file, "manifest.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644

@@ -1,0 +1,268 @@
+"""The Open Inference Protocol's gRPC service, ``inference.GRPCInferenceService``.
+
+ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata and
+ModelInfer, on grpcio's thread-pool server. Inputs arrive as
+``raw_input_contents`` (little-endian row-major bytes, one entry per input, what
+tritonclient sends) or as the typed ``contents`` field of each input
+(``fp32_contents`` for FP32, ``int64_contents`` for INT64, ...); outputs always
+go back as ``raw_output_contents``, as Triton answers. Validation is
+:mod:`fedscale.serving.protocol`'s; a refused request ends with
+INVALID_ARGUMENT (HTTP's 400), NOT_FOUND (404) or RESOURCE_EXHAUSTED (413 —
+grpcio itself refuses a message over ``--max-body-bytes`` with it).
+
+The generated messages register the ``inference.*`` protobuf names in
+protobuf's default pool, as tritonclient.grpc's do, so one Python process holds
+either this server or tritonclient's gRPC client, not both (their definitions
+differ): run the server as its own process, which ``fedscale serve`` is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NoReturn, TypeVar
+
+import grpc  # type: ignore[import-untyped]
+import numpy as np
+
+from fedscale import __version__
+from fedscale.exceptions import LaunchError
+from fedscale.processes import join_address
+
+from .http_server import EXTENSIONS, Limits
+from .proto import grpc_predict_v2_pb2 as pb
+from .proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from .protocol import (
+    InferRequest,
+    RequestError,
+    array_from_bytes,
+    array_from_values,
+    check_complete,
+    check_datatype,
+    check_shape,
+    input_spec,
+    output_names,
+    resolve_model,
+    run_inference,
+)
+from .repository import LoadedModel, ModelRepository
+
+__all__ = ["GrpcServer", "InferenceServicer", "parse_grpc_request"]
+
+log = logging.getLogger("fedscale.serving")
+
+_STATUS = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+# The typed field of InferTensorContents that carries each datatype (FP16: raw only).
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+_ALL_FIELDS = sorted(set(_CONTENTS_FIELD.values()) | {"bytes_contents"})
+
+
+def parse_grpc_request(
+    model: LoadedModel, request: pb.ModelInferRequest, max_batch: int
+) -> InferRequest:
+    """Validate a ``ModelInferRequest`` against ``model`` and build its arrays."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise RequestError(
+            400,
+            f"raw_input_contents: expected one entry per input ({len(request.inputs)}), "
+            f"got {len(raw)}",
+        )
+    if not request.inputs:
+        raise RequestError(400, "inputs: expected at least one input tensor, got none")
+    feeds: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(request.inputs):
+        spec = input_spec(model, tensor.name, feeds)
+        check_datatype(spec, tensor.datatype)
+        shape = check_shape(spec, list(tensor.shape), max_batch, tensor.name in model.batch_inputs)
+        dtype = model.input_dtypes[spec.name]
+        has_contents = tensor.HasField("contents")
+        if raw:
+            if has_contents:
+                raise RequestError(
+                    400,
+                    f"input {spec.name!r}: expected contents or raw_input_contents, got both",
+                )
+            feeds[spec.name] = array_from_bytes(spec, dtype, shape, raw[index])
+            continue
+        field = _CONTENTS_FIELD.get(spec.datatype)
+        if not has_contents or field is None:
+            raise RequestError(
+                400,
+                f"input {spec.name!r}: expected "
+                + (f"contents.{field} or " if field else "")
+                + "raw_input_contents, got neither",
+            )
+        for other in _ALL_FIELDS:
+            if other != field and len(getattr(tensor.contents, other)):
+                raise RequestError(
+                    400,
+                    f"input {spec.name!r} contents: expected {field} for datatype "
+                    f"{spec.datatype}, got {other}",
+                )
+        feeds[spec.name] = array_from_values(spec, dtype, shape, getattr(tensor.contents, field))
+    check_complete(model, feeds)
+    names = output_names(model, [o.name for o in request.outputs]) or model.output_names
+    for requested in request.outputs:
+        choice = requested.parameters.get("classification")
+        if choice is not None and choice.WhichOneof("parameter_choice") is not None:
+            raise RequestError(
+                400,
+                f"output {requested.name!r} classification: this server does not support "
+                "the classification extension; ask for the raw output",
+            )
+    return InferRequest(
+        id=request.id or None, feeds=feeds, outputs=list(names), binary=[True] * len(names)
+    )
+
+
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+
+
+def _abort(context: Any, err: RequestError) -> NoReturn:
+    context.abort(_STATUS.get(err.status, grpc.StatusCode.INVALID_ARGUMENT), err.message)
+    raise AssertionError("grpc context.abort returns only by raising")  # pragma: no cover
+
+
+def _guard(
+    method: Callable[[InferenceServicer, _Req, Any], _Resp],
+) -> Callable[[InferenceServicer, _Req, Any], _Resp]:
+    """Turn refusals into gRPC status codes, and bugs into INTERNAL with a log line."""
+
+    def wrapped(self: InferenceServicer, request: _Req, context: Any) -> _Resp:
+        try:
+            return method(self, request, context)
+        except RequestError as err:
+            _abort(context, err)
+        except Exception as err:
+            log.exception("gRPC %s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
+            raise  # pragma: no cover - abort raised
+
+    wrapped.__name__ = method.__name__
+    wrapped.__doc__ = method.__doc__
+    return wrapped
+
+
+class InferenceServicer:
+    """``inference.GRPCInferenceService`` over a :class:`ModelRepository`."""
+
+    def __init__(self, repository: ModelRepository, limits: Limits):
+        self.repository = repository
+        self.limits = limits
+
+    def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:  # noqa: N802
+        """Answer live: the process is serving."""
+        return pb.ServerLiveResponse(live=True)
+
+    def ServerReady(  # noqa: N802
+        self, request: pb.ServerReadyRequest, context: Any
+    ) -> pb.ServerReadyResponse:
+        """Answer ready once a model is loaded."""
+        return pb.ServerReadyResponse(ready=self.repository.ready)
+
+    def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:  # noqa: N802
+        """Answer whether the named model (at the version, if given) is loaded."""
+        try:
+            resolve_model(self.repository.current, request.name, request.version)
+        except RequestError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    def ServerMetadata(  # noqa: N802
+        self, request: pb.ServerMetadataRequest, context: Any
+    ) -> pb.ServerMetadataResponse:
+        """Name the server, its version and the protocol extensions it speaks."""
+        return pb.ServerMetadataResponse(
+            name="fedscale", version=__version__, extensions=EXTENSIONS
+        )
+
+    @_guard
+    def ModelMetadata(  # noqa: N802
+        self, request: pb.ModelMetadataRequest, context: Any
+    ) -> pb.ModelMetadataResponse:
+        """Describe the model: versions, platform, inputs and outputs."""
+        model = resolve_model(self.repository.current, request.name, request.version)
+        meta = model.metadata()
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=meta["name"],
+            versions=meta["versions"],
+            platform=meta["platform"],
+            inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.inputs],
+            outputs=[
+                tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.outputs
+            ],
+        )
+
+    @_guard
+    def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:  # noqa: N802
+        """Run the model; outputs go back as ``raw_output_contents``."""
+        model = resolve_model(self.repository.current, request.model_name, request.model_version)
+        parsed = parse_grpc_request(model, request, self.limits.max_batch)
+        results = run_inference(model, parsed)
+        response = pb.ModelInferResponse(
+            model_name=model.name, model_version=model.version, id=request.id
+        )
+        for name, array in zip(parsed.outputs, results, strict=True):
+            out = response.outputs.add()
+            out.name = name
+            out.datatype = model.output_specs[name].datatype
+            out.shape.extend(array.shape)
+            response.raw_output_contents.append(
+                np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            )
+        return response
+
+
+class GrpcServer:
+    """grpcio's server with the inference service, on ``host:port``."""
+
+    def __init__(self, servicer: InferenceServicer, workers: int = 4):
+        max_message = servicer.limits.max_body_bytes
+        self._server: Any = grpc.server(
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc-infer"),
+            options=[
+                ("grpc.max_receive_message_length", max_message),
+                ("grpc.max_send_message_length", -1),
+                # Refuse a port another process holds instead of sharing it silently.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)  # type: ignore[no-untyped-call]
+
+    def start(self, host: str, port: int) -> int:
+        """Bind and start; return the bound port (``port`` 0: a free one)."""
+        address = join_address(host, port)
+        try:
+            bound = int(self._server.add_insecure_port(address))
+        except RuntimeError as err:
+            raise LaunchError(f"gRPC: could not listen on {address}: {err}") from err
+        if bound == 0:
+            raise LaunchError(f"gRPC: could not listen on {address} (in use?)")
+        self._server.start()
+        return bound
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Stop; requests in flight get ``grace`` seconds to finish."""
+        self._server.stop(grace).wait()
