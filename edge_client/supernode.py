@@ -2,28 +2,71 @@
 
 The SuperNode connects to the server's SuperLink, receives each run's app bundle
 and runs fedscale's ClientApp (from the fedscale installed on this device) in a
-subprocess for every message. What the node trains on is its ``node_config``:
-a demo partition (``--partition-id``/``--num-partitions``) or the device's own
-data (``--data-path``), plus the device to train on.
+process of its own for every message. What the node trains on is its
+``node_config``: a demo partition (``--partition-id``/``--num-partitions``) or
+the device's own data (``--data-path``), the device to train on, and the model
+directory the ClientApp writes each received global model to (``--model-dir``).
+
+One command runs up to three processes, each a child of ``fedscale edge-client``
+and stopped with it (:func:`run_edge_client`):
+
+- ``flower-supernode``; warm (the default) with ``--isolation process``, so it
+  starts no SuperExec of its own;
+- warm: fedscale's SuperExec (:mod:`fedscale.edge_client.warm`), which runs each
+  message's ClientApp in a fork of one process that imported torch once; not
+  warm: Flower's own SuperExec, a fresh interpreter per message;
+- with ``--serve-port``: ``fedscale serve`` on the model directory.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedscale.exceptions import ConfigError
-from fedscale.processes import flower_executable, is_loopback, split_address
+from fedscale.exceptions import ConfigError, LaunchError
+from fedscale.processes import (
+    flower_executable,
+    is_loopback,
+    join_address,
+    split_address,
+    start,
+    stop,
+)
 from fedscale.settings import parse_device_name
 
-__all__ = ["EdgeClientOptions", "node_config_arg", "supernode_argv"]
+__all__ = [
+    "MODEL_DIR",
+    "Child",
+    "EdgeClientOptions",
+    "edge_client_children",
+    "node_config_arg",
+    "run_edge_client",
+    "serve_argv",
+    "supernode_argv",
+    "warm_argv",
+]
+
+# node_config key of the device's model directory (fedscale.edge_client.app reads it).
+MODEL_DIR = "model-dir"
+# The SuperNode's Runtime API listens here (flower-supernode --host's default).
+RUNTIME_HOST = "127.0.0.1"
 
 
 @dataclass(frozen=True)
 class EdgeClientOptions:
-    """One edge device's SuperNode."""
+    """One edge device's SuperNode, and what runs beside it.
+
+    ``clientappio_port`` is the SuperNode's Runtime API port (``flower-supernode
+    --port``), where its ClientApp processes (and a warm SuperExec) connect.
+    """
 
     server: str
     clientappio_port: int
@@ -33,6 +76,11 @@ class EdgeClientOptions:
     device: str | None = None
     insecure: bool = False
     max_wait_time: float | None = None
+    warm: bool = True
+    model_dir: str | None = None
+    serve_port: int | None = None
+    serve_grpc_port: int = 0
+    serve_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         host, _ = split_address(self.server)
@@ -62,6 +110,43 @@ class EdgeClientOptions:
             raise ConfigError(f"--data-path: expected a file, found nothing at {self.data_path}")
         if self.device is not None:
             parse_device_name(self.device)
+        if self.warm and not hasattr(os, "fork"):
+            raise ConfigError(
+                "--warm: expected a platform with fork() (Linux, macOS), this has none; "
+                "pass --no-warm"
+            )
+        self._check_serving()
+
+    def _check_serving(self) -> None:
+        if self.model_dir is not None and Path(self.model_dir).exists():
+            if not Path(self.model_dir).is_dir():
+                raise ConfigError(
+                    f"--model-dir: expected a directory, found a file at {self.model_dir}"
+                )
+        if self.serve_port is None:
+            if self.serve_grpc_port:
+                raise ConfigError(
+                    f"--serve-grpc-port: expected --serve-port too, got only "
+                    f"--serve-grpc-port {self.serve_grpc_port}"
+                )
+            return
+        if self.model_dir is None:
+            raise ConfigError(
+                f"--serve-port: expected --model-dir DIR to serve, got --serve-port "
+                f"{self.serve_port} alone"
+            )
+        if not 0 < self.serve_port < 65536:
+            raise ConfigError(f"--serve-port: expected 1-65535, got {self.serve_port}")
+        if not 0 <= self.serve_grpc_port < 65536:
+            raise ConfigError(
+                f"--serve-grpc-port: expected 1-65535 (or 0 for no gRPC), got "
+                f"{self.serve_grpc_port}"
+            )
+        if self.serve_grpc_port == self.serve_port:
+            raise ConfigError(
+                f"--serve-grpc-port: expected a port other than --serve-port, got "
+                f"{self.serve_port} for both"
+            )
 
     @property
     def node_config(self) -> dict[str, str | int]:
@@ -75,7 +160,14 @@ class EdgeClientOptions:
             config["num-partitions"] = self.num_partitions
         if self.device is not None:
             config["device"] = self.device
+        if self.model_dir is not None:
+            config[MODEL_DIR] = str(Path(self.model_dir).absolute())
         return config
+
+    @property
+    def runtime_api_address(self) -> str:
+        """Where the SuperNode's Runtime API listens (for the warm SuperExec)."""
+        return join_address(RUNTIME_HOST, self.clientappio_port)
 
 
 def node_config_arg(config: Mapping[str, str | int | float]) -> str:
@@ -93,9 +185,113 @@ def supernode_argv(options: EdgeClientOptions) -> list[str]:
         options.server,
         "--port",
         str(options.clientappio_port),
-        "--node-config",
-        node_config_arg(options.node_config),
     ]
+    if options.warm:
+        # The SuperNode then starts no SuperExec; fedscale's warm one polls it.
+        argv += ["--isolation", "process"]
     if options.max_wait_time is not None:
         argv += ["--max-wait-time", str(options.max_wait_time)]
-    return argv
+    return [*argv, "--node-config", node_config_arg(options.node_config)]
+
+
+def warm_argv(options: EdgeClientOptions, parent_pid: int) -> list[str]:
+    """Return the command line of fedscale's warm SuperExec for ``options``."""
+    return [
+        sys.executable,
+        "-m",
+        "fedscale.edge_client.warm",
+        "--runtime-api-address",
+        options.runtime_api_address,
+        "--insecure",
+        "--parent-pid",
+        str(parent_pid),
+    ]
+
+
+def serve_argv(options: EdgeClientOptions) -> list[str]:
+    """Return the ``fedscale serve`` command line for ``options`` (with ``--serve-port``)."""
+    if options.serve_port is None or options.model_dir is None:
+        raise ConfigError("fedscale serve: expected --serve-port and --model-dir")
+    return [
+        sys.executable,
+        "-m",
+        "fedscale.cli",
+        "serve",
+        "--model-dir",
+        str(Path(options.model_dir).absolute()),
+        "--host",
+        options.serve_host,
+        "--http-port",
+        str(options.serve_port),
+        "--grpc-port",
+        str(options.serve_grpc_port),
+    ]
+
+
+@dataclass(frozen=True)
+class Child:
+    """One process ``fedscale edge-client`` runs: a name for messages, and its command."""
+
+    name: str
+    argv: list[str]
+
+
+def edge_client_children(options: EdgeClientOptions, parent_pid: int) -> list[Child]:
+    """Return the processes to run for ``options``, in start order."""
+    children = [Child("flower-supernode", supernode_argv(options))]
+    if options.warm:
+        children.append(Child("warm SuperExec", warm_argv(options, parent_pid)))
+    if options.serve_port is not None:
+        children.append(Child("fedscale serve", serve_argv(options)))
+    return children
+
+
+def run_edge_client(
+    options: EdgeClientOptions,
+    *,
+    on_started: Callable[[Child, int], None] | None = None,
+    poll_interval: float = 0.2,
+) -> None:
+    """Run the SuperNode and what runs beside it until one of them ends.
+
+    Each child stays in this process's group (so a signal to the group reaches
+    them all) and is stopped by its PID with what it started, when this
+    function leaves: on Ctrl-C, on SIGTERM (when the caller turns it into an
+    exception), or when one child exits, which raises :class:`LaunchError`
+    naming it. Never returns normally.
+    """
+    if options.model_dir is not None:
+        Path(options.model_dir).mkdir(parents=True, exist_ok=True)
+    running: list[tuple[Child, subprocess.Popen[bytes]]] = []
+    try:
+        for child in edge_client_children(options, os.getpid()):
+            process = start(child.argv, new_session=False)
+            running.append((child, process))
+            if on_started is not None:
+                on_started(child, process.pid)
+        while True:
+            for child, process in running:
+                code = process.poll()
+                if code is not None:
+                    others = [c.name for c, _ in running if c is not child]
+                    raise LaunchError(
+                        f"{child.name} (pid {process.pid}) exited with code {code}"
+                        + (f"; stopping {', '.join(others)}" if others else "")
+                    )
+            time.sleep(poll_interval)
+    finally:
+        _stop_all([process for _, process in running])
+
+
+def _stop_all(processes: Sequence[subprocess.Popen[bytes]]) -> None:
+    # A second Ctrl-C or SIGTERM while stopping must not leave children behind
+    # (signal handlers can be set from the main thread only).
+    main = threading.current_thread() is threading.main_thread()
+    signals = (signal.SIGINT, signal.SIGTERM) if main else ()
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+    try:
+        for process in reversed(processes):
+            stop(process)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
