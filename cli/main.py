@@ -43,10 +43,16 @@ Rounds = Annotated[int, typer.Option("--rounds", help="Federated rounds.")]
 PerRound = Annotated[int, typer.Option("--per-round", help="Clients sampled per round.")]
 DatasetOpt = Annotated[
     str,
-    typer.Option(help="digits, mnist5k, a .npz/.csv path, or MODULE:ATTR returning arrays."),
+    typer.Option(
+        help="digits, mnist5k, synthetic:<alpha>,<beta>, shakespeare, a .npz/.csv path, "
+        "or MODULE:ATTR returning arrays."
+    ),
 ]
 PartitionOpt = Annotated[str, typer.Option(help="iid, dirichlet:<alpha> or shards:<k>.")]
-ModelOpt = Annotated[str, typer.Option(help="mlp, cnn, or MODULE:ATTR (a model factory).")]
+ModelOpt = Annotated[
+    str,
+    typer.Option(help="mlp, cnn, char-lstm, char-lstm-small, or MODULE:ATTR (a model factory)."),
+]
 LocalEpochs = Annotated[int, typer.Option(help="Local epochs per round.")]
 BatchSize = Annotated[int, typer.Option(help="Local minibatch size.")]
 LearningRate = Annotated[float, typer.Option("--lr", help="Local SGD learning rate.")]
@@ -89,7 +95,18 @@ def main(
 
 @app.command()
 def simulate(
-    clients: Annotated[int, typer.Option(help="Virtual clients in the federation.")] = 100,
+    ctx: typer.Context,
+    scenario: Annotated[
+        str | None,
+        typer.Argument(
+            help="A scenario file (simulations/*.toml) or a shipped scenario's name; "
+            "options given here win over it.",
+            show_default=False,
+        ),
+    ] = None,
+    clients: Annotated[
+        int, typer.Option(help="Virtual clients in the federation.")
+    ] = _D.num_clients,
     per_round: PerRound = _D.clients_per_round,
     rounds: Rounds = _D.num_rounds,
     dataset: DatasetOpt = _D.dataset,
@@ -110,6 +127,27 @@ def simulate(
     fraction_evaluate: FractionEvaluate = _D.fraction_evaluate,
     keep_models: KeepModels = _D.keep_models,
     export_onnx: ExportOnnx = _D.export_onnx,
+    device_mix: Annotated[
+        str,
+        typer.Option(
+            help="Simulated devices: uniform, mobile-always-on, mobile (daily availability "
+            "and churn), or a .csv/.json trace file; '' for none (no virtual clock)."
+        ),
+    ] = _D.device_mix,
+    deadline: Annotated[
+        float, typer.Option(help="With --device-mix: drop clients slower than this (s; 0: none).")
+    ] = _D.deadline,
+    overcommit: Annotated[
+        float,
+        typer.Option(help="With --device-mix: offer work to this fraction more clients, keep k."),
+    ] = _D.overcommit,
+    compute_scale: Annotated[
+        float,
+        typer.Option(help="With --device-mix: the model's cost per sample relative to the mix's."),
+    ] = _D.compute_scale,
+    target_accuracy: Annotated[
+        float, typer.Option(help="Report the (simulated) time to reach this accuracy (0: none).")
+    ] = _D.target_accuracy,
     out: OutOpt = None,
     server_app: Annotated[
         str | None,
@@ -125,26 +163,46 @@ def simulate(
     ] = None,
     verbose: Verbose = False,
 ) -> None:
-    """Simulate a federation on this machine (in-process by default, or on Ray)."""
+    """Simulate a federation on this machine (in-process by default, or on Ray).
+
+    SCENARIO is a scenario file (simulations/*.toml) or a shipped scenario's name:
+    quickstart, noniid-1k, cross-device-100k, shakespeare. Options given on the
+    command line win over it.
+    """
     _setup_logging(verbose)
     with _errors():
         if server_app or client_app or run_config:
+            if scenario:
+                from fedscale.exceptions import ConfigError
+
+                raise ConfigError(
+                    "scenario: expected either a scenario or third-party apps "
+                    "(--server-app, --client-app), got both"
+                )
             _simulate_third_party(server_app, client_app, run_config, clients, engine, ray_address)
             return
         from fedscale.simulations import simulate as run_simulation
 
-        settings = _settings_from_options(locals())
+        options = locals()
+        if scenario:
+            settings = _scenario_settings(ctx, scenario, options)
+        else:
+            settings = _settings_from_options(options)
         if out:
             settings = settings.replace(out=str(out.absolute()))
         with RoundProgress(console, total=settings.num_rounds) as progress:
             install_round_handler(progress.update)
             result = run_simulation(
                 settings,
-                clients=clients,
                 engine=_engine(engine),
                 ray_address=ray_address,
             )
-        print_summary(stdout, result.rounds, result.run_dir.path)
+        print_summary(
+            stdout,
+            result.rounds,
+            result.run_dir.path,
+            target_accuracy=settings.target_accuracy or None,
+        )
 
 
 @app.command()
@@ -222,7 +280,7 @@ def edge_client(
     ] = None,
     port: Annotated[
         int | None,
-        typer.Option(help="Local port for the SuperNode's ClientApp API (default: a free one)."),
+        typer.Option(help="Local port for the SuperNode's Runtime API (default: a free one)."),
     ] = None,
     insecure: Annotated[
         bool, typer.Option(help="Allow plaintext to a non-loopback server.")
@@ -231,30 +289,97 @@ def edge_client(
         float | None,
         typer.Option(help="Give up if the server is unreachable this long (s)."),
     ] = None,
+    model_dir: Annotated[
+        Path | None,
+        typer.Option(help="Write each received global model here as ONNX (a model directory)."),
+    ] = None,
+    serve_port: Annotated[
+        int | None,
+        typer.Option(help="Also serve --model-dir's newest model: its HTTP (KServe v2) port."),
+    ] = None,
+    serve_grpc_port: Annotated[
+        int, typer.Option(help="With --serve-port: its gRPC port (0: no gRPC).")
+    ] = 0,
+    serve_host: Annotated[
+        str, typer.Option(help="With --serve-port: the address to serve on.")
+    ] = "127.0.0.1",
+    warm: Annotated[
+        bool,
+        typer.Option(
+            help="Run each round's ClientApp in a fork of one warm process (torch imported "
+            "once); --no-warm: Flower's default, a fresh interpreter per message."
+        ),
+    ] = True,
 ) -> None:
-    """Start a Flower SuperNode that trains with fedscale's ClientApp."""
-    with _sigterm_unwinds(), _errors():
-        from fedscale.edge_client.supernode import EdgeClientOptions, supernode_argv
-        from fedscale.processes import free_port, start, stop
-
-        options = EdgeClientOptions(
-            server=server,
-            clientappio_port=port or free_port(),
-            partition_id=partition_id,
-            num_partitions=num_partitions,
-            data_path=str(data_path) if data_path else None,
-            device=device,
-            insecure=insecure,
-            max_wait_time=max_wait_time,
-        )
-        console.print(f"SuperNode -> {server}, node config {options.node_config}")
-        # Same process group as this command: stopping one stops both.
-        process = start(supernode_argv(options), new_session=False)
+    """Start a Flower SuperNode that trains with fedscale's ClientApp (and serve its models)."""
+    with _sigterm_raises(), _errors():
         try:
-            code = process.wait()
-        finally:
-            stop(process)
-        raise typer.Exit(code)
+            _run_edge_client(
+                server=server,
+                partition_id=partition_id,
+                num_partitions=num_partitions,
+                data_path=data_path,
+                device=device,
+                port=port,
+                insecure=insecure,
+                max_wait_time=max_wait_time,
+                model_dir=model_dir,
+                serve_port=serve_port,
+                serve_grpc_port=serve_grpc_port,
+                serve_host=serve_host,
+                warm=warm,
+            )
+        except _Terminated:
+            console.print("stopped on SIGTERM", markup=False)
+            raise typer.Exit(0) from None
+
+
+def _run_edge_client(
+    *,
+    port: int | None,
+    data_path: Path | None,
+    model_dir: Path | None,
+    **options: Any,
+) -> None:
+    from fedscale.edge_client.supernode import EdgeClientOptions, run_edge_client
+    from fedscale.processes import free_port
+
+    edge = EdgeClientOptions(
+        clientappio_port=port or free_port(),
+        data_path=str(data_path) if data_path else None,
+        model_dir=str(model_dir.absolute()) if model_dir else None,
+        **options,
+    )
+    console.print(
+        f"SuperNode -> {edge.server}, node config {edge.node_config}"
+        + ("" if edge.warm else " (Flower's SuperExec: a fresh interpreter per message)"),
+        markup=False,
+        soft_wrap=True,
+    )
+    run_edge_client(
+        edge,
+        on_started=lambda child, pid: console.print(
+            f"started {child.name}: pid {pid}", markup=False, soft_wrap=True
+        ),
+    )
+
+
+class _Terminated(Exception):
+    """SIGTERM asked ``edge-client`` to stop: a clean stop, exit code 0."""
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into :class:`_Terminated`, so `finally` blocks stop child processes."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -297,7 +422,11 @@ def _simulate_third_party(
 
 
 # CLI option names that differ from RunSettings field names.
-_OPTION_TO_FIELD = {"rounds": "num_rounds", "per_round": "clients_per_round"}
+_OPTION_TO_FIELD = {
+    "rounds": "num_rounds",
+    "per_round": "clients_per_round",
+    "clients": "num_clients",
+}
 
 
 def _settings_from_options(options: dict[str, Any]) -> RunSettings:
@@ -309,6 +438,27 @@ def _settings_from_options(options: dict[str, Any]) -> RunSettings:
     names = {f.name for f in dataclasses.fields(RunSettings)} - {"out"}
     kwargs = {_OPTION_TO_FIELD.get(k, k): v for k, v in options.items()}
     return RunSettings(**{k: v for k, v in kwargs.items() if k in names})
+
+
+def _scenario_settings(ctx: typer.Context, scenario: str, options: dict[str, Any]) -> RunSettings:
+    """Return a scenario file's settings with the options given on the command line applied.
+
+    An option counts as given when click saw it on the command line (or in an
+    environment variable), not when it merely holds its default.
+    """
+    from click.core import ParameterSource
+
+    from fedscale.simulations.scenarios import load_scenario
+
+    implicit = (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
+    given = {name for name in ctx.params if ctx.get_parameter_source(name) not in implicit}
+    names = {f.name for f in dataclasses.fields(RunSettings)} - {"out"}
+    overrides = {
+        _OPTION_TO_FIELD.get(k, k): v
+        for k, v in options.items()
+        if k in given and _OPTION_TO_FIELD.get(k, k) in names
+    }
+    return load_scenario(scenario, **overrides)
 
 
 def _engine(name: str) -> Any:

@@ -1,4 +1,9 @@
-"""Round-by-round progress and the final summary of a run, with rich."""
+"""Round-by-round progress and the final summary of a run, with rich.
+
+With a device model (``device-mix``) the rows carry the virtual clock
+(``sim_elapsed``): the progress line shows the simulated time beside the wall
+clock's ETA, and the summary the simulated time to a target accuracy.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-__all__ = ["RoundProgress", "install_round_handler", "print_summary"]
+__all__ = ["RoundProgress", "install_round_handler", "print_summary", "sim_duration"]
 
 
 class RoundProgress:
@@ -30,6 +35,7 @@ class RoundProgress:
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[status]}"),
+            TextColumn("ETA"),
             TimeRemainingColumn(),
             console=console,
             transient=False,
@@ -55,6 +61,9 @@ class RoundProgress:
             f"acc {_num(row.get('accuracy'))}  loss {_num(row.get('loss'))}  "
             f"{row.get('clients_replied', 0)}/{row.get('clients_sampled', 0)} clients"
         )
+        simulated = row.get("sim_elapsed")
+        if isinstance(simulated, int | float):
+            status += f"  sim {sim_duration(simulated)}"
         self._progress.update(self._task, completed=row["round"], status=status)
 
 
@@ -86,8 +95,20 @@ def _remove_round_handlers() -> None:
         logger.removeHandler(handler)
 
 
-def print_summary(console: Console, rows: list[dict[str, Any]], run_dir: Path) -> None:
-    """Print the run's outcome; the last line states the final test accuracy."""
+def print_summary(
+    console: Console,
+    rows: list[dict[str, Any]],
+    run_dir: Path,
+    *,
+    target_accuracy: float | None = None,
+) -> None:
+    """Print the run's outcome; the last line states the final test accuracy.
+
+    With a ``target_accuracy`` it reports when the run first reached it: the
+    simulated time when the rows carry a virtual clock, else the round and wall
+    time. With a virtual clock and no target, it reports the simulated time to the
+    run's best accuracy.
+    """
     final = rows[-1]
     best = max(rows, key=lambda r: r.get("accuracy") or 0.0)
     trained = [r for r in rows if r["round"] > 0]
@@ -100,9 +121,57 @@ def print_summary(console: Console, rows: list[dict[str, Any]], run_dir: Path) -
         replied = sum(r["clients_replied"] for r in trained) / len(trained)
         table.add_row("clients replied per round", f"{replied:.1f}")
         table.add_row("wall time", f"{final['elapsed']:.1f} s")
+        for label, value in _simulated_rows(rows, target_accuracy):
+            table.add_row(label, value)
     table.add_row("run folder", str(run_dir))
     console.print(table)
     console.print(f"final test accuracy: {_num(final.get('accuracy'))}")
+
+
+def _simulated_rows(rows: list[dict[str, Any]], target: float | None) -> list[tuple[str, str]]:
+    from fedscale.clock import time_to_accuracy
+
+    trained = [r for r in rows if r["round"] > 0]
+    timed = [r for r in rows if isinstance(r.get("sim_elapsed"), int | float)]
+    out: list[tuple[str, str]] = []
+    if timed:
+        out.append(("simulated time", sim_duration(timed[-1]["sim_elapsed"])))
+        dropped = [r.get("clients_dropped") or 0 for r in trained]
+        if dropped:
+            out.append(("clients dropped per round", f"{sum(dropped) / len(dropped):.1f}"))
+    scored = [r for r in (timed or rows) if isinstance(r.get("accuracy"), int | float)]
+    if target is None and not timed or not scored:
+        return out
+    goal = target if target is not None else max(r["accuracy"] for r in scored)
+    label = f"time to accuracy {goal:.4f}" if target is not None else "time to best accuracy"
+    if timed:
+        reached = time_to_accuracy(((r["sim_elapsed"], r["accuracy"]) for r in scored), goal)
+        first = next((r for r in scored if r["accuracy"] >= goal), None)
+        if reached is None or first is None:
+            out.append((label, f"not reached (best {_num(max(r['accuracy'] for r in scored))})"))
+        else:
+            out.append((label, f"{sim_duration(reached)} simulated (round {first['round']})"))
+    else:
+        first = next((r for r in scored if r["accuracy"] >= goal), None)
+        if first is None:
+            out.append((label, f"not reached (best {_num(max(r['accuracy'] for r in scored))})"))
+        else:
+            out.append((label, f"round {first['round']}, {first['elapsed']:.1f} s wall"))
+    return out
+
+
+def sim_duration(seconds: float) -> str:
+    """Format simulated seconds for people: ``42.0 s``, ``12m 05s``, ``3h 07m``, ``2d 04h``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h {minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours:02d}h"
 
 
 def _num(value: Any) -> str:

@@ -5,14 +5,23 @@ A node either holds one partition of a demo federation (``partition-id`` and
 set them), or its own data (``data-path``: an ``.npz`` or ``.csv`` file on the
 device). Partitions are computed once per process and shared by every virtual
 client in it.
+
+Datasets with natural clients (``synthetic:<alpha>,<beta>``, ``shakespeare``; see
+:func:`fedscale.population.data_provider`) are not partitioned: ``partition-id``
+is the client id, and its data comes from the dataset's provider, built when the
+client is asked for. The latest clients' data is kept in a small cache bounded in
+bytes (a client usually trains and evaluates in the same round), so memory grows
+with a round's clients, never with the federation.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -22,7 +31,16 @@ from .exceptions import ConfigError
 from .partition import partition_indices
 from .settings import RunSettings
 
-__all__ = ["NodeData", "node_data", "node_device_name"]
+if TYPE_CHECKING:
+    from .population import ClientDataProvider
+
+__all__ = [
+    "NodeData",
+    "has_natural_clients",
+    "natural_provider",
+    "node_data",
+    "node_device_name",
+]
 
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
@@ -34,9 +52,10 @@ DEVICE = "device"
 class NodeData:
     """A node's training data and the data it evaluates the global model on."""
 
-    x_train: npt.NDArray[np.float32]
+    # float32 features, or integer codes for text (shakespeare).
+    x_train: npt.NDArray[Any]
     y_train: npt.NDArray[np.int64]
-    x_eval: npt.NDArray[np.float32]
+    x_eval: npt.NDArray[Any]
     y_eval: npt.NDArray[np.int64]
     source: str
 
@@ -72,6 +91,8 @@ def node_data(settings: RunSettings, node_config: Mapping[str, Any]) -> NodeData
             f"node config: expected integers 0 <= {PARTITION_ID} < {NUM_PARTITIONS}, "
             f"got {PARTITION_ID}={pid!r}, {NUM_PARTITIONS}={count!r}"
         )
+    if has_natural_clients(settings.dataset):
+        return _natural_node_data(settings, pid, count)
     dataset = load_dataset(
         settings.dataset,
         seed=settings.seed,
@@ -87,6 +108,98 @@ def node_data(settings: RunSettings, node_config: Mapping[str, Any]) -> NodeData
         dataset.y_test[ev],
         source=f"{settings.dataset} partition {pid}/{count} ({settings.partition})",
     )
+
+
+def has_natural_clients(spec: str) -> bool:
+    """Return whether dataset ``spec`` comes as clients (synthetic, shakespeare), not partitions."""
+    from .shakespeare import SHAKESPEARE
+    from .synthetic import is_synthetic_spec
+
+    return is_synthetic_spec(spec) or spec == SHAKESPEARE
+
+
+def natural_provider(settings: RunSettings) -> ClientDataProvider:
+    """Return the data provider of a dataset with natural clients, once per process."""
+    if not has_natural_clients(settings.dataset):
+        raise ConfigError(
+            f"dataset: expected one with natural clients (synthetic:<alpha>,<beta> or "
+            f"shakespeare), got {settings.dataset!r}"
+        )
+    return _provider(settings.dataset, settings.seed)
+
+
+@lru_cache(maxsize=4)
+def _provider(spec: str, seed: int) -> ClientDataProvider:
+    from .population import data_provider
+
+    # Natural clients ignore the partition and the federation's size.
+    return data_provider(spec, num_clients=1, seed=seed)
+
+
+def _natural_node_data(settings: RunSettings, client_id: int, num_clients: int) -> NodeData:
+    provider = natural_provider(settings)
+    limit = provider.max_clients
+    if limit is not None and num_clients > limit:
+        raise ConfigError(
+            f"clients: expected at most {limit} for dataset {settings.dataset!r} (it has that "
+            f"many natural clients), got {num_clients}"
+        )
+    key = (settings.dataset, settings.seed, client_id)
+    cached = _CLIENT_CACHE.get(key)
+    if cached is not None:
+        return cached
+    data = provider.client_data(client_id)
+    built = NodeData(
+        data.x_train,
+        data.y_train,
+        data.x_test,
+        data.y_test,
+        source=f"{settings.dataset} client {client_id}",
+    )
+    _CLIENT_CACHE.put(key, built)
+    return built
+
+
+class _ByteBoundedCache:
+    """The most recently used clients' data, up to a total number of bytes."""
+
+    def __init__(self, max_bytes: int):
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._entries: OrderedDict[tuple[str, int, int], tuple[NodeData, int]] = OrderedDict()
+        self._lock = threading.Lock()  # the Ray engine runs ClientApps on threads too
+
+    def get(self, key: tuple[str, int, int]) -> NodeData | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+            return entry[0]
+
+    def put(self, key: tuple[str, int, int], data: NodeData) -> None:
+        size = sum(a.nbytes for a in (data.x_train, data.y_train, data.x_eval, data.y_eval))
+        if size > self._max_bytes:
+            return  # one client bigger than the whole cache: rebuilt when needed
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            self._entries[key] = (data, size)
+            self._bytes += size
+            while self._bytes > self._max_bytes:
+                _, (_, dropped) = self._entries.popitem(last=False)
+                self._bytes -= dropped
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+
+# 64 MiB: a few hundred typical synthetic clients; a round's clients are
+# rebuilt on demand beyond that (building one costs about what training it does).
+_CLIENT_CACHE = _ByteBoundedCache(64 << 20)
 
 
 def _is_int(value: Any) -> bool:

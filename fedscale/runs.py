@@ -15,7 +15,10 @@ examples; null in round 0), ``clients_sampled``, ``clients_replied``,
 ``clients_failed``, ``seconds`` (wall time of the round), ``elapsed`` (since the
 run started), ``federated_loss`` and ``federated_accuracy`` (clients' own
 evaluation, weighted by examples; null unless ``fraction-evaluate`` > 0),
-``time`` (ISO 8601, UTC). Later versions only add fields; readers
+``sim_seconds`` and ``sim_elapsed`` (the round's duration and the virtual clock at
+its end, in simulated seconds), ``clients_dropped`` and ``dropped`` (clients offered
+work whose update the round did not use, in all and by reason; these four are null
+without a device model), ``time`` (ISO 8601, UTC). Later versions only add fields; readers
 must ignore fields they do not know. See docs/metrics.md.
 """
 
@@ -56,6 +59,10 @@ class RoundRecord:
     elapsed: float
     federated_loss: float | None = None
     federated_accuracy: float | None = None
+    sim_seconds: float | None = None
+    sim_elapsed: float | None = None
+    clients_dropped: int | None = None
+    dropped: dict[str, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Return the JSON object written for this round."""

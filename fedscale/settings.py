@@ -9,16 +9,20 @@ checked; everything else takes a ``RunSettings``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Any
 
+from .devices import BUILTIN_MIXES
 from .exceptions import ConfigError
 from .partition import parse_scheme
 
 __all__ = ["RunSettings", "parse_device_name"]
+
+_TRACES = (".csv", ".json")
 
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 
@@ -38,6 +42,7 @@ class RunSettings:
     """
 
     num_rounds: int = 100
+    num_clients: int = 100
     clients_per_round: int = 10
     min_clients: int = 2
     fraction_evaluate: float = 0.0
@@ -53,6 +58,11 @@ class RunSettings:
     allow_duplicate_samples: bool = False
     model: str = "mlp"
     device: str = "auto"
+    device_mix: str = ""
+    deadline: float = 0.0
+    overcommit: float = 0.0
+    compute_scale: float = 1.0
+    target_accuracy: float = 0.0
     keep_models: int = 5
     export_onnx: bool = True
     out: str = ""
@@ -69,6 +79,7 @@ class RunSettings:
                     f"got {value!r} ({type(value).__name__})"
                 )
         _check(self.num_rounds >= 1, "num-rounds", "an integer >= 1", self.num_rounds)
+        _check(self.num_clients >= 1, "num-clients", "an integer >= 1", self.num_clients)
         _check(
             self.clients_per_round >= 1,
             "clients-per-round",
@@ -95,6 +106,7 @@ class RunSettings:
         _check(bool(self.dataset), "dataset", "a dataset name or path", self.dataset)
         _check(bool(self.model), "model", "a model name or MODULE:ATTR", self.model)
         _check(self.keep_models >= 1, "keep-models", "an integer >= 1", self.keep_models)
+        _check_simulated_system(self)
         parse_scheme(self.partition)
         parse_device_name(self.device)
 
@@ -154,6 +166,7 @@ def _parse_cached(items: tuple[tuple[str, str, Any], ...], complete: bool) -> Ru
 
 _FIELD_TYPES: dict[str, type] = {
     "num_rounds": int,
+    "num_clients": int,
     "clients_per_round": int,
     "min_clients": int,
     "fraction_evaluate": float,
@@ -169,6 +182,11 @@ _FIELD_TYPES: dict[str, type] = {
     "allow_duplicate_samples": bool,
     "model": str,
     "device": str,
+    "device_mix": str,
+    "deadline": float,
+    "overcommit": float,
+    "compute_scale": float,
+    "target_accuracy": float,
     "keep_models": int,
     "export_onnx": bool,
     "out": str,
@@ -190,3 +208,41 @@ def _coerce(field_name: str, value: Any) -> Any:
 def _check(ok: bool, key: str, expected: str, got: object) -> None:
     if not ok:
         raise ConfigError(f"{key}: expected {expected}, got {got!r}")
+
+
+def _check_simulated_system(s: RunSettings) -> None:
+    """Check the virtual-clock settings (``device-mix`` and what only it gives meaning to)."""
+    # NaN fails every comparison, so each check below also refuses it.
+    _check(
+        s.deadline >= 0 and s.deadline < math.inf, "deadline", "seconds >= 0 (0: none)", s.deadline
+    )
+    _check(
+        s.overcommit >= 0 and s.overcommit < math.inf,
+        "overcommit",
+        "a fraction >= 0 (0.3: offer work to 30% more clients)",
+        s.overcommit,
+    )
+    _check(
+        s.compute_scale > 0 and s.compute_scale < math.inf,
+        "compute-scale",
+        "a number > 0 (the model's cost per sample relative to the device profiles')",
+        s.compute_scale,
+    )
+    _check(
+        0.0 <= s.target_accuracy <= 1.0,
+        "target-accuracy",
+        "a number in [0, 1] (0: none)",
+        s.target_accuracy,
+    )
+    mix = s.device_mix
+    _check(
+        mix == "" or mix == mix.strip() and (mix in BUILTIN_MIXES or mix.lower().endswith(_TRACES)),
+        "device-mix",
+        f"'' (no device model), one of {', '.join(BUILTIN_MIXES)}, or a .csv or .json trace file",
+        mix,
+    )
+    if not mix:
+        # Without devices there is no virtual time: a deadline or over-commitment
+        # would silently do nothing.
+        for key, value in (("deadline", s.deadline), ("overcommit", s.overcommit)):
+            _check(value == 0, key, "0 unless device-mix is set (it needs device profiles)", value)

@@ -6,6 +6,13 @@ calling ``Strategy.start``, because the server must act between rounds: evaluate
 the global model on its held-out split, store it, export it to the run's model
 directory, and write ``metrics.jsonl`` before the next round begins (``start``
 only returns at the end).
+
+A grid with a simulated system (``grid.system``, as fedscale's in-process engine
+sets it when a run has a ``device-mix``) also runs a virtual clock: the round
+samples ``ceil(k * (1 + overcommit))`` of the nodes online now, asks the system
+which of them the round keeps (the first ``k`` to finish, within the deadline,
+still online), sends the train message to those only, and moves the clock to the
+round's end. Any other grid (a SuperLink, Flower's Ray engine) runs as before.
 """
 
 from __future__ import annotations
@@ -14,9 +21,10 @@ import logging
 import math
 import random
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast, get_args
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -24,9 +32,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from numpy.typing import NDArray
 
-from fedscale.datasets import Dataset, load_dataset
+from fedscale.clock import DropReason, RoundTiming
+from fedscale.datasets import load_dataset
 from fedscale.exceptions import ExportError, LaunchError
 from fedscale.models import build_model
+from fedscale.node_data import has_natural_clients, natural_provider
 from fedscale.records import conform_dtypes, load_arrays_into, state_dict_to_arrays
 from fedscale.runs import RoundRecord, RunDirectory
 from fedscale.settings import RunSettings
@@ -38,8 +48,12 @@ if TYPE_CHECKING:
 __all__ = [
     "ROUND_EXTRA_KEY",
     "FederationResult",
+    "RoundPlanView",
+    "ServerData",
+    "SimulatedSystemView",
     "default_strategy",
     "run_federation",
+    "server_data",
     "size_for_round",
     "wait_for_nodes",
 ]
@@ -63,6 +77,98 @@ class FederationResult:
     def final_accuracy(self) -> float | None:
         """Test accuracy of the final global model."""
         return self.rounds[-1].accuracy
+
+
+class RoundPlanView(Protocol):
+    """What the round loop reads of a simulated system's round plan."""
+
+    @property
+    def timing(self) -> RoundTiming:
+        """The round in virtual time."""
+        ...
+
+    @property
+    def accepted_nodes(self) -> frozenset[int]:
+        """Nodes whose updates the round keeps: the only ones sent the train message."""
+        ...
+
+    @property
+    def dropped(self) -> Mapping[str, int]:
+        """Dropped clients by reason."""
+        ...
+
+    @property
+    def clients_dropped(self) -> int:
+        """Dropped clients in all."""
+        ...
+
+
+class SimulatedSystemView(Protocol):
+    """What the round loop asks of a grid's simulated system (``grid.system``)."""
+
+    @property
+    def now(self) -> float:
+        """The virtual clock, in seconds."""
+        ...
+
+    def offer_count(self, k: int) -> int:
+        """Clients to offer work to for ``k`` updates."""
+        ...
+
+    def wait_for_clients(self) -> float:
+        """Advance the clock until a client is online."""
+        ...
+
+    def plan_round(
+        self,
+        server_round: int,
+        node_ids: Sequence[int],
+        *,
+        k: int,
+        model_bytes: int,
+        update_bytes: int,
+        local_epochs: int,
+    ) -> RoundPlanView:
+        """Decide which offered nodes the round keeps."""
+        ...
+
+    def finish_round(self, plan: Any) -> float:
+        """Advance the clock to the planned round's end."""
+        ...
+
+
+@dataclass(frozen=True)
+class ServerData:
+    """What the server knows of the data: sample shape, classes, its test set."""
+
+    sample_shape: tuple[int, ...]
+    num_classes: int
+    x_test: NDArray[Any]
+    y_test: NDArray[Any]
+    # Samples like the clients' (for the ONNX exporter's parity inputs).
+    x_sample: NDArray[Any]
+
+
+def server_data(settings: RunSettings) -> ServerData:
+    """Load what the server needs of the run's dataset.
+
+    A dataset with natural clients (synthetic, shakespeare) gives the held-out
+    samples of its first clients (``num-clients`` bounds them); any other is
+    split into train and test, and the server keeps the test split.
+    """
+    if has_natural_clients(settings.dataset):
+        provider = natural_provider(settings)
+        x, y = provider.test_set(settings.num_clients)
+        return ServerData(provider.sample_shape, provider.num_classes, x, y, x)
+    dataset = load_dataset(
+        settings.dataset,
+        seed=settings.seed,
+        test_fraction=settings.test_fraction,
+        label_column=settings.label_column,
+    )
+    return ServerData(
+        dataset.sample_shape, dataset.num_classes, dataset.x_test, dataset.y_test, dataset.x_train
+    )
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float, poll: float = 1.0) -> list[int]:
@@ -91,15 +197,18 @@ def default_strategy(settings: RunSettings) -> FedAvg:
     )
 
 
-def size_for_round(strategy: FedAvg, settings: RunSettings, connected: int) -> int:
-    """Make FedAvg sample exactly ``min(clients-per-round, connected)`` nodes.
+def size_for_round(
+    strategy: FedAvg, settings: RunSettings, connected: int, *, sample: int | None = None
+) -> int:
+    """Make FedAvg sample exactly ``min(sample, connected)`` nodes.
 
+    ``sample`` defaults to ``clients-per-round`` (more with over-commitment).
     FedAvg samples ``max(int(fraction_train * connected), min_train_nodes)`` and
     waits while fewer than ``min_available_nodes`` are connected; set from the
     nodes connected now, every round, so nodes that join or leave change the
     pool but never the number sampled. Returns that number.
     """
-    per_round = min(settings.clients_per_round, connected)
+    per_round = min(settings.clients_per_round if sample is None else sample, connected)
     strategy.fraction_train = per_round / connected
     strategy.min_train_nodes = per_round
     strategy.min_available_nodes = per_round
@@ -125,12 +234,7 @@ def run_federation(
     # Flower's samplers draw from the `random` module: seed it for repeatable runs.
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
-    dataset = load_dataset(
-        settings.dataset,
-        seed=settings.seed,
-        test_fraction=settings.test_fraction,
-        label_column=settings.label_column,
-    )
+    dataset = server_data(settings)
     device = resolve_device(settings.device)
     model = build_model(
         settings.model, dataset.sample_shape, dataset.num_classes, seed=settings.seed
@@ -140,7 +244,18 @@ def run_federation(
     run_dir.write_config(settings.replace(out=str(run_dir.path)).to_run_config())
     exporter = _exporter(settings, dataset)
 
-    available = wait_for_nodes(grid, settings.min_clients, settings.round_timeout)
+    system = _system(grid)
+    if system is None:
+        if settings.device_mix:
+            log.warning(
+                "device-mix %r is simulated by fedscale's in-process engine only; this "
+                "runtime's nodes are real or have no device model, so it is ignored",
+                settings.device_mix,
+            )
+        available = wait_for_nodes(grid, settings.min_clients, settings.round_timeout)
+    else:
+        # Simulated nodes never connect late; whoever is offline now may be online later.
+        available = list(grid.get_node_ids())
     sized_here = strategy is None
     strategy = strategy or default_strategy(settings)
     log.info(
@@ -154,7 +269,7 @@ def run_federation(
 
     started = time.monotonic()
     initial = evaluate(model, dataset.x_test, dataset.y_test, device=device)
-    records = [_record(0, initial, None, 0, 0, 0, 0.0, 0.0)]
+    records = [_record(0, initial, None, 0, 0, 0, 0.0, 0.0, **_simulated(system, None))]
     run_dir.save_global_model(0, _numpy(arrays))
     if exporter is not None:
         try:
@@ -168,15 +283,23 @@ def run_federation(
 
     for server_round in range(1, settings.num_rounds + 1):
         round_start = time.monotonic()
+        if system is not None and not list(grid.get_node_ids()):
+            system.wait_for_clients()
         if sized_here:
-            connected = len(wait_for_nodes(grid, 1, settings.round_timeout))
-            per_round = size_for_round(cast(FedAvg, strategy), settings, connected)
-            if per_round < settings.clients_per_round:
+            if system is None:
+                connected = len(wait_for_nodes(grid, 1, settings.round_timeout))
+                sample = settings.clients_per_round
+            else:
+                connected = len(list(grid.get_node_ids()))
+                sample = system.offer_count(settings.clients_per_round)
+            per_round = size_for_round(cast(FedAvg, strategy), settings, connected, sample=sample)
+            if per_round < sample:
                 log.warning(
-                    "round %d: clients-per-round is %d but %d nodes are connected",
+                    "round %d: %d clients to sample but %d nodes are %s",
                     server_round,
-                    settings.clients_per_round,
+                    sample,
                     connected,
+                    "connected" if system is None else "online",
                 )
         train_config = ConfigRecord(
             {
@@ -187,11 +310,14 @@ def run_federation(
             }
         )
         messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
-        replies = _send(grid, messages, settings.round_timeout)
+        plan = _plan(system, server_round, messages, arrays, settings)
+        # Clients the round drops never hear from it: they cost no training.
+        sent = messages if plan is None else _accepted(messages, plan)
+        replies = _send(grid, sent, settings.round_timeout)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = conform_dtypes(new_arrays, arrays)
-        failed = sum(r.has_error() for r in replies) + len(messages) - len(replies)
+        failed = sum(r.has_error() for r in replies) + len(sent) - len(replies)
 
         federated = None
         if settings.fraction_evaluate > 0:
@@ -201,6 +327,10 @@ def run_federation(
             )
             eval_replies = _send(grid, eval_messages, settings.round_timeout)
             federated = strategy.aggregate_evaluate(server_round, eval_replies)
+        if plan is not None:
+            # After federated evaluation, which is not timed: it samples the nodes
+            # online when the round started, as the strategy was sized for them.
+            cast(SimulatedSystemView, system).finish_round(plan)
 
         result = _evaluate_global(model, arrays, dataset, device)
         run_dir.save_global_model(server_round, _numpy(arrays))
@@ -216,17 +346,68 @@ def run_federation(
             result,
             _metric(train_metrics, "train-loss"),
             len(messages),
-            len(messages) - failed,
+            len(sent) - failed,
             failed,
             now - round_start,
             now - started,
             federated_loss=_metric(federated, "eval-loss"),
             federated_accuracy=_metric(federated, "eval-accuracy"),
+            **_simulated(system, plan),
         )
         records.append(record)
         _emit(run_dir, record, settings.num_rounds)
 
     return FederationResult(run_dir=run_dir, rounds=records, arrays=arrays)
+
+
+def _system(grid: Grid) -> SimulatedSystemView | None:
+    system = getattr(grid, "system", None)
+    return None if system is None else cast(SimulatedSystemView, system)
+
+
+def _plan(
+    system: SimulatedSystemView | None,
+    server_round: int,
+    messages: list[Message],
+    arrays: ArrayRecord,
+    settings: RunSettings,
+) -> RoundPlanView | None:
+    if system is None or not messages:
+        return None
+    # Every offered client downloads the global model and uploads a full update.
+    size = sum(len(array.data) for array in arrays.values())
+    return system.plan_round(
+        server_round,
+        [m.metadata.dst_node_id for m in messages],
+        k=min(settings.clients_per_round, len(messages)),
+        model_bytes=size,
+        update_bytes=size,
+        local_epochs=settings.local_epochs,
+    )
+
+
+def _accepted(messages: list[Message], plan: RoundPlanView) -> list[Message]:
+    keep = plan.accepted_nodes
+    return [m for m in messages if m.metadata.dst_node_id in keep]
+
+
+def _simulated(system: SimulatedSystemView | None, plan: RoundPlanView | None) -> dict[str, Any]:
+    """Return the ``metrics.jsonl`` fields of the virtual clock (none without a system)."""
+    if system is None:
+        return {}
+    if plan is None:  # round 0, or a round that sampled nobody
+        return {
+            "sim_seconds": 0.0,
+            "sim_elapsed": system.now,
+            "clients_dropped": 0,
+            "dropped": dict.fromkeys(get_args(DropReason), 0),
+        }
+    return {
+        "sim_seconds": plan.timing.duration,
+        "sim_elapsed": system.now,
+        "clients_dropped": plan.clients_dropped,
+        "dropped": dict(plan.dropped),
+    }
 
 
 def _send(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
@@ -236,19 +417,19 @@ def _send(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
 
 
 def _evaluate_global(
-    model: torch.nn.Module, arrays: ArrayRecord, dataset: Dataset, device: torch.device
+    model: torch.nn.Module, arrays: ArrayRecord, dataset: ServerData, device: torch.device
 ) -> EvalResult:
     load_arrays_into(model, arrays)
     return evaluate(model, dataset.x_test, dataset.y_test, device=device)
 
 
-def _exporter(settings: RunSettings, dataset: Dataset) -> OnnxExporter | None:
+def _exporter(settings: RunSettings, dataset: ServerData) -> OnnxExporter | None:
     if not settings.export_onnx:
         return None
     from fedscale.export import OnnxExporter  # onnxruntime loads only when exporting
 
     # One exporter for the run: parity inputs and session options are built once.
-    return OnnxExporter.for_data(dataset.x_train, seed=settings.seed)
+    return OnnxExporter.for_data(dataset.x_sample, seed=settings.seed)
 
 
 def _publish(
@@ -301,6 +482,10 @@ def _record(
     *,
     federated_loss: float | None = None,
     federated_accuracy: float | None = None,
+    sim_seconds: float | None = None,
+    sim_elapsed: float | None = None,
+    clients_dropped: int | None = None,
+    dropped: dict[str, int] | None = None,
 ) -> RoundRecord:
     return RoundRecord(
         round=server_round,
@@ -314,6 +499,10 @@ def _record(
         elapsed=round(elapsed, 4),
         federated_loss=federated_loss,
         federated_accuracy=federated_accuracy,
+        sim_seconds=None if sim_seconds is None else round(sim_seconds, 6),
+        sim_elapsed=None if sim_elapsed is None else round(sim_elapsed, 6),
+        clients_dropped=clients_dropped,
+        dropped=dropped,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fedscale.datasets import register_dataset
 from fedscale.exceptions import ConfigError
@@ -14,6 +14,9 @@ from fedscale.models import register_model
 from fedscale.node_data import node_data
 from fedscale.runs import RunDirectory
 from fedscale.settings import RunSettings
+
+if TYPE_CHECKING:
+    from .system import SimulatedSystem
 
 __all__ = ["Engine", "SimulationResult", "run_apps", "simulate"]
 
@@ -40,7 +43,7 @@ class SimulationResult:
 def simulate(
     settings: RunSettings | None = None,
     *,
-    clients: int = 100,
+    clients: int | None = None,
     engine: Engine = "inprocess",
     ray_address: str | None = None,
     dataset: str | Callable[[], Any] | None = None,
@@ -49,18 +52,29 @@ def simulate(
 ) -> SimulationResult:
     """Simulate a federation of ``clients`` nodes running fedscale's apps.
 
-    ``overrides`` are :class:`RunSettings` fields (``num_rounds=5``, ``lr=0.1``,
-    ``partition="dirichlet:0.5"``, ...). ``dataset`` and ``model`` may be given as
-    functions (a function returning ``(x, y)``; a model factory) with the
-    in-process engine.
+    ``clients`` defaults to the settings' ``num-clients``. ``overrides`` are
+    :class:`RunSettings` fields (``num_rounds=5``, ``lr=0.1``,
+    ``partition="dirichlet:0.5"``, ``device_mix="mobile"``, ...). ``dataset`` and
+    ``model`` may be given as functions (a function returning ``(x, y)``; a model
+    factory) with the in-process engine. With a ``device-mix`` the in-process
+    engine simulates the clients' devices on a virtual clock (see
+    :mod:`fedscale.simulations.system`).
     """
     if dataset is not None:
         overrides["dataset"] = _register(dataset, engine, register_dataset, "dataset")
     if model is not None:
         overrides["model"] = _register(model, engine, register_model, "model")
+    if clients is not None:
+        if isinstance(clients, bool) or not isinstance(clients, int) or clients < 1:
+            raise ConfigError(f"clients: expected an integer >= 1, got {clients!r}")
+        overrides["num_clients"] = clients
     settings = (settings or RunSettings()).replace(**overrides)
-    if clients < 1:
-        raise ConfigError(f"clients: expected an integer >= 1, got {clients}")
+    clients = settings.num_clients
+    if settings.device_mix and engine != "inprocess":
+        raise ConfigError(
+            f"device-mix: simulated devices need the in-process engine, got engine {engine!r}; "
+            "leave device-mix, deadline and overcommit unset on Ray"
+        )
     if settings.clients_per_round > clients:
         raise ConfigError(
             f"clients-per-round: expected at most the number of clients ({clients}), "
@@ -72,8 +86,14 @@ def simulate(
         from fedscale.server.app import default_run_dir
 
         settings = settings.replace(out=str(default_run_dir(settings)))
-    # Fail before the run starts if the data cannot be split this way.
+    # Fail before the run starts if the data cannot be split this way (or has
+    # fewer natural clients), or the device model cannot be read.
     node_data(settings, {"partition-id": 0, "num-partitions": clients})
+    system = None
+    if engine == "inprocess":
+        from .system import system_for
+
+        system = system_for(settings)
 
     from fedscale.edge_client.app import app as client_app
     from fedscale.server.app import app as server_app
@@ -85,6 +105,7 @@ def simulate(
         run_config=settings.to_run_config(),
         engine=engine,
         ray_address=ray_address,
+        system=system,
     )
     run_dir = RunDirectory(settings.out)
     return SimulationResult(run_dir=run_dir, rounds=run_dir.read_metrics())
@@ -98,8 +119,13 @@ def run_apps(
     run_config: Mapping[str, Any],
     engine: Engine = "inprocess",
     ray_address: str | None = None,
+    system: SimulatedSystem | None = None,
 ) -> None:
-    """Run any Flower ServerApp and ClientApp (objects or ``MODULE:ATTR``) together."""
+    """Run any Flower ServerApp and ClientApp (objects or ``MODULE:ATTR``) together.
+
+    ``system`` (in-process engine only) gives the nodes simulated devices on a
+    virtual clock: only online nodes are offered to the strategy.
+    """
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
 
@@ -108,8 +134,10 @@ def run_apps(
     if engine == "inprocess":
         from .engine import run_in_process
 
-        run_in_process(server, client, num_nodes=clients, run_config=run_config)
+        run_in_process(server, client, num_nodes=clients, run_config=run_config, system=system)
     elif engine == "ray":
+        if system is not None:
+            raise ConfigError("system: simulated devices need the in-process engine, got ray")
         from .ray_engine import run_on_ray
 
         run_on_ray(

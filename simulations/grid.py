@@ -18,6 +18,11 @@ Flower's runtimes give:
 
 Virtual nodes cost nothing until they receive a message; a node's context is
 kept only once its ``state`` holds something.
+
+With a :class:`~fedscale.simulations.system.SimulatedSystem` (``system=``, exposed
+as :attr:`InProcessGrid.system`), ``get_node_ids`` returns only the nodes online
+at the system's virtual time, and a message to a node offline then gets an
+error reply (``NODE_UNAVAILABLE``) instead of reaching the ClientApp.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -45,6 +50,9 @@ from ._flower import (
     set_message_id,
 )
 
+if TYPE_CHECKING:
+    from .system import SimulatedSystem
+
 __all__ = ["GridStats", "InProcessGrid"]
 
 log = logging.getLogger(__name__)
@@ -59,6 +67,7 @@ class GridStats:
     messages: int = 0
     errors: int = 0
     client_seconds: float = 0.0
+    unavailable: int = 0
 
 
 class InProcessGrid(Grid):
@@ -76,6 +85,9 @@ class InProcessGrid(Grid):
         The run config every node's ``Context`` holds.
     node_config
         Optional extra ``node_config`` entries for partition ``i``.
+    system
+        Optional simulated devices and virtual clock over the same ``num_nodes``
+        clients: only the nodes online at its current time are offered.
 
     """
 
@@ -87,9 +99,19 @@ class InProcessGrid(Grid):
         run_id: int,
         run_config: Mapping[str, Any],
         node_config: NodeConfigFn | None = None,
+        system: SimulatedSystem | None = None,
     ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes: expected an integer >= 1, got {num_nodes}")
+        if system is not None and (
+            system.num_clients != num_nodes or system.first_node_id != FIRST_CLIENT_NODE_ID
+        ):
+            raise ValueError(
+                f"system: expected one over this grid's {num_nodes} nodes from node "
+                f"{FIRST_CLIENT_NODE_ID}, got {system.num_clients} clients from node "
+                f"{system.first_node_id}"
+            )
+        self.system = system
         self._client_app = client_app
         self._num_nodes = num_nodes
         self._run_config = dict(run_config)
@@ -125,7 +147,9 @@ class InProcessGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> list[int]:
-        """All virtual nodes, at once (Flower's sampler waits while too few show)."""
+        """All virtual nodes at once, or with a system those online now."""
+        if self.system is not None:
+            return self.system.online_node_ids()
         return list(range(FIRST_CLIENT_NODE_ID, FIRST_CLIENT_NODE_ID + self._num_nodes))
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
@@ -186,6 +210,16 @@ class InProcessGrid(Grid):
         if not FIRST_CLIENT_NODE_ID <= node_id < FIRST_CLIENT_NODE_ID + self._num_nodes:
             self.stats.errors += 1
             reply = error_reply(message, NODE_UNAVAILABLE, f"node {node_id} does not exist")
+            set_message_id(reply, uuid.uuid4().hex)
+            return reply
+        if self.system is not None and not self.system.is_online(node_id):
+            self.stats.errors += 1
+            self.stats.unavailable += 1
+            reply = error_reply(
+                message,
+                NODE_UNAVAILABLE,
+                f"node {node_id} is offline at {self.system.now:g} s of virtual time",
+            )
             set_message_id(reply, uuid.uuid4().hex)
             return reply
         delivered = copy_message_for_delivery(message)

@@ -40,9 +40,17 @@ def test_metrics_lines_follow_the_schema(tmp_path):
         "elapsed",
         "federated_loss",
         "federated_accuracy",
+        "sim_seconds",
+        "sim_elapsed",
+        "clients_dropped",
+        "dropped",
         "time",
     }
     assert rows[0]["schema"] == METRICS_SCHEMA_VERSION
+    # Without a device model the virtual clock's fields are null.
+    assert {rows[0][k] for k in ("sim_seconds", "sim_elapsed", "clients_dropped", "dropped")} == {
+        None
+    }
     assert rows[2]["loss"] is None, (
         "a non-finite loss is written as null, the file stays valid JSON"
     )

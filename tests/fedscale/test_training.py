@@ -77,3 +77,41 @@ def test_evaluate_matches_a_direct_computation():
     expected_loss = torch.nn.functional.cross_entropy(logits.double(), torch.from_numpy(y)).item()
     assert result.accuracy == pytest.approx((logits.argmax(1).numpy() == y).mean())
     assert result.loss == pytest.approx(expected_loss, rel=1e-5)
+
+
+def test_training_takes_torch_sgds_steps_bit_for_bit():
+    # train() applies p -= lr * grad itself; it must be exactly torch.optim.SGD's update.
+    from torch import nn
+    from torch.nn import functional as F
+
+    ds = load_dataset("digits", seed=0, test_fraction=0.2)
+    x, y = ds.x_train[:300], ds.y_train[:300]
+
+    def frozen_first_layer():
+        model = build_model("mlp", ds.sample_shape, ds.num_classes, seed=3)
+        next(model.parameters()).requires_grad_(False)  # a frozen parameter stays put
+        return model
+
+    ours = frozen_first_layer()
+    result = train(ours, x, y, epochs=2, batch_size=16, lr=0.05, device=CPU, seed=4)
+
+    reference: nn.Module = frozen_first_layer()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05)
+    generator = torch.Generator().manual_seed(4)
+    inputs, targets = torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
+    for _ in range(2):
+        order = torch.randperm(len(inputs), generator=generator)
+        for start in range(0, len(inputs), 16):
+            idx = order[start : start + 16]
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(reference(inputs[idx]), targets[idx]).backward()
+            optimizer.step()
+    assert result.steps == 2 * 19
+    for (name, got), expected in zip(
+        ours.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
+        assert torch.equal(got, expected), name
+    assert torch.equal(
+        next(ours.parameters()),
+        next(build_model("mlp", ds.sample_shape, ds.num_classes, seed=3).parameters()),
+    )
