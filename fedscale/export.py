@@ -41,7 +41,14 @@ import torch
 from torch import nn
 
 from .exceptions import ExportError
-from .modelstore import DEFAULT_MODEL_NAME, Manifest, ModelDirectory, TensorSpec, sha256_hex
+from .modelstore import (
+    DEFAULT_MODEL_NAME,
+    ORT_DATATYPES,
+    Manifest,
+    ModelDirectory,
+    TensorSpec,
+    sha256_hex,
+)
 
 __all__ = [
     "INT8_OP_TYPES",
@@ -70,23 +77,6 @@ PARITY_RTOL = 1e-4
 # Where int8 dynamic quantization pays on CPU. Convolutions are left in fp32.
 INT8_OP_TYPES = ("MatMul", "Gemm")
 QUANTIZATIONS = ("int8",)
-
-# onnxruntime's element types (as its sessions report them) as Open Inference
-# Protocol datatypes.
-_ORT_DATATYPES = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-}
 
 # torch.onnx.export traces through process-wide state (the exporter's globals,
 # the warnings filters we set around it): one export at a time per process.
@@ -467,11 +457,11 @@ def _specs(
 
 
 def _spec(arg: Any, what: str) -> TensorSpec:
-    datatype = _ORT_DATATYPES.get(arg.type)
+    datatype = ORT_DATATYPES.get(arg.type)
     if datatype is None:
         raise ExportError(
             f"{what}: tensor {arg.name!r} has type {arg.type}, expected one of "
-            f"{', '.join(sorted(_ORT_DATATYPES))}"
+            f"{', '.join(sorted(ORT_DATATYPES))}"
         )
     # A named or unknown dimension is dynamic: only the batch axis is, here.
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape)

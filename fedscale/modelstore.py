@@ -44,6 +44,7 @@ __all__ = [
     "MANIFEST_FORMAT",
     "MANIFEST_NAME",
     "MANIFEST_VERSION",
+    "ORT_DATATYPES",
     "DATATYPES",
     "Manifest",
     "ModelDirectory",
@@ -72,6 +73,23 @@ DATATYPES: dict[str, str] = {
     "FP16": "float16",
     "FP32": "float32",
     "FP64": "float64",
+}
+
+# onnxruntime's element types, as its sessions report them, as Open Inference
+# Protocol datatypes (what an exporter writes and a server checks).
+ORT_DATATYPES: dict[str, str] = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
 }
 
 _MODEL_FILE = re.compile(r"^model-(\d{4,})\.onnx$")

@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from fedscale.exceptions import ConfigError, ModelStoreError
-from fedscale.modelstore import DATATYPES, Manifest, ModelDirectory, TensorSpec
+from fedscale.modelstore import DATATYPES, ORT_DATATYPES, Manifest, ModelDirectory, TensorSpec
 
 __all__ = [
     "ONNX_PLATFORM",
@@ -40,22 +40,6 @@ __all__ = [
 log = logging.getLogger("fedscale.serving")
 
 ONNX_PLATFORM = "onnxruntime_onnx"
-
-# onnxruntime's element type names and the Open Inference Protocol's.
-_ORT_TYPES: dict[str, str] = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-}
 
 
 @dataclass(frozen=True)
@@ -172,10 +156,10 @@ def _session_specs(
 ) -> dict[str, tuple[str, tuple[int, ...] | None]]:
     specs: dict[str, tuple[str, tuple[int, ...] | None]] = {}
     for arg in args:
-        datatype = _ORT_TYPES.get(arg.type)
+        datatype = ORT_DATATYPES.get(arg.type)
         if datatype is None:
             raise ModelStoreError(
-                f"{where} {arg.name!r}: expected a tensor of one of {sorted(_ORT_TYPES)}, "
+                f"{where} {arg.name!r}: expected a tensor of one of {sorted(ORT_DATATYPES)}, "
                 f"got {arg.type}"
             )
         shape = arg.shape
