@@ -148,6 +148,13 @@ def simulate(
     target_accuracy: Annotated[
         float, typer.Option(help="Report the (simulated) time to reach this accuracy (0: none).")
     ] = _D.target_accuracy,
+    fast_path: Annotated[
+        bool,
+        typer.Option(
+            help="In-process engine: train each round's clients as one cohort when the model "
+            "allows it (same results within float rounding); --no-fast-path: one by one."
+        ),
+    ] = True,
     out: OutOpt = None,
     server_app: Annotated[
         str | None,
@@ -196,6 +203,7 @@ def simulate(
                 settings,
                 engine=_engine(engine),
                 ray_address=ray_address,
+                fast_path=fast_path,
             )
         print_summary(
             stdout,

@@ -37,7 +37,7 @@ from fedscale.models import build_model
 from fedscale.node_data import NodeData, node_data, node_device_name
 from fedscale.records import load_arrays_into, state_dict_to_arrays
 from fedscale.settings import RunSettings
-from fedscale.training import evaluate, resolve_device, train
+from fedscale.training import evaluate, resolve_device, shuffle_seed, train
 
 if TYPE_CHECKING:
     from fedscale.export import OnnxExporter
@@ -67,7 +67,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         batch_size=_config_int(config, "batch-size", settings.batch_size),
         lr=_config_float(config, "lr", settings.lr),
         device=device,
-        seed=_shuffle_seed(settings, config, context),
+        seed=_client_seed(settings, config, context),
     )
     reply = RecordDict(
         {
@@ -219,10 +219,7 @@ def _cached_exporter(x: np.ndarray[Any, Any]) -> OnnxExporter:
     return cache[key]
 
 
-def _shuffle_seed(settings: RunSettings, config: ConfigRecord, context: Context) -> int:
-    # The same run, round and partition shuffle alike on every runtime (node ids
-    # differ between runtimes, partition ids do not).
+def _client_seed(settings: RunSettings, config: ConfigRecord, context: Context) -> int:
+    """Return this node's shuffle seed for the round (`fedscale.training.shuffle_seed`)."""
     who = context.node_config.get("partition-id", context.node_id)
-    server_round = _config_int(config, "server-round", 1)
-    state = np.random.SeedSequence([settings.seed, server_round, int(who)])
-    return int(state.generate_state(1)[0])
+    return shuffle_seed(settings.seed, _config_int(config, "server-round", 1), int(who))

@@ -13,7 +13,14 @@ from torch.nn import functional as F
 from .exceptions import DeviceError
 from .settings import parse_device_name
 
-__all__ = ["EvalResult", "TrainResult", "evaluate", "resolve_device", "train"]
+__all__ = [
+    "EvalResult",
+    "TrainResult",
+    "evaluate",
+    "resolve_device",
+    "shuffle_seed",
+    "train",
+]
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,17 @@ def _as_tensor(array: npt.NDArray[np.generic], device: torch.device) -> torch.Te
     if not array.flags.writeable:
         array = array.copy()
     return torch.from_numpy(array).to(device)
+
+
+def shuffle_seed(run_seed: int, server_round: int, client: int) -> int:
+    """Return the shuffle seed of ``client`` (its partition id) in ``server_round`` of a run.
+
+    Every runtime and both training paths (per client, or a cohort at once) draw
+    a client's batches from this seed, so the same run, round and partition
+    shuffle alike everywhere: partition ids agree between runtimes, node ids do not.
+    """
+    state = np.random.SeedSequence([run_seed, server_round, client])
+    return int(state.generate_state(1)[0])
 
 
 def train(

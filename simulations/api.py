@@ -48,6 +48,7 @@ def simulate(
     ray_address: str | None = None,
     dataset: str | Callable[[], Any] | None = None,
     model: str | Callable[..., Any] | None = None,
+    fast_path: bool = True,
     **overrides: Any,
 ) -> SimulationResult:
     """Simulate a federation of ``clients`` nodes running fedscale's apps.
@@ -58,7 +59,10 @@ def simulate(
     ``model`` may be given as functions (a function returning ``(x, y)``; a model
     factory) with the in-process engine. With a ``device-mix`` the in-process
     engine simulates the clients' devices on a virtual clock (see
-    :mod:`fedscale.simulations.system`).
+    :mod:`fedscale.simulations.system`). ``fast_path`` (in-process engine, on by
+    default) trains each round's clients as one cohort when the model allows it,
+    with the same results as one by one within float rounding (see
+    :mod:`fedscale.simulations.cohort_delivery`); ``False`` trains them one by one.
     """
     if dataset is not None:
         overrides["dataset"] = _register(dataset, engine, register_dataset, "dataset")
@@ -106,6 +110,7 @@ def simulate(
         engine=engine,
         ray_address=ray_address,
         system=system,
+        fast_path=fast_path,
     )
     run_dir = RunDirectory(settings.out)
     return SimulationResult(run_dir=run_dir, rounds=run_dir.read_metrics())
@@ -120,11 +125,14 @@ def run_apps(
     engine: Engine = "inprocess",
     ray_address: str | None = None,
     system: SimulatedSystem | None = None,
+    fast_path: bool = True,
 ) -> None:
     """Run any Flower ServerApp and ClientApp (objects or ``MODULE:ATTR``) together.
 
     ``system`` (in-process engine only) gives the nodes simulated devices on a
-    virtual clock: only online nodes are offered to the strategy.
+    virtual clock: only online nodes are offered to the strategy. ``fast_path``
+    (in-process engine only) applies to fedscale's own ClientApp; see
+    :func:`~fedscale.simulations.engine.run_in_process`.
     """
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
@@ -134,7 +142,14 @@ def run_apps(
     if engine == "inprocess":
         from .engine import run_in_process
 
-        run_in_process(server, client, num_nodes=clients, run_config=run_config, system=system)
+        run_in_process(
+            server,
+            client,
+            num_nodes=clients,
+            run_config=run_config,
+            system=system,
+            fast_path=fast_path,
+        )
     elif engine == "ray":
         if system is not None:
             raise ConfigError("system: simulated devices need the in-process engine, got ray")

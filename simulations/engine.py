@@ -13,7 +13,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
 from ._flower import fast_array_codec, new_run_id, server_context, server_task_identity
-from .grid import GridStats, InProcessGrid, NodeConfigFn
+from .grid import BatchDelivery, GridStats, InProcessGrid, NodeConfigFn
 
 if TYPE_CHECKING:
     from .system import SimulatedSystem
@@ -39,6 +39,7 @@ def run_in_process(
     node_config: NodeConfigFn | None = None,
     system: SimulatedSystem | None = None,
     torch_threads: int | None = 1,
+    fast_path: bool = True,
 ) -> EngineRun:
     """Run ``server_app`` against ``num_nodes`` virtual nodes running ``client_app``.
 
@@ -51,6 +52,12 @@ def run_in_process(
     ``None`` leaves torch's setting alone) caps them for the run. Measured on two
     cores, torch's default of one thread per core made 1,000-client rounds of a
     small MLP 5-8x slower, and was no faster for a small LSTM or CNN.
+
+    ``fast_path`` (on by default) trains each round's cohort of train messages
+    for fedscale's own ClientApp at once when its model allows it (see
+    :mod:`.cohort_delivery`), with the same results as one by one within float
+    rounding; everything else, and every other ClientApp, is delivered one
+    message at a time.
     """
     run_id = new_run_id()
     grid = InProcessGrid(
@@ -60,11 +67,23 @@ def run_in_process(
         run_config=run_config,
         node_config=node_config,
         system=system,
+        fast_path=_fast_path(client_app) if fast_path else None,
     )
     context = server_context(run_id, run_config)
     with server_task_identity(run_id), fast_array_codec(), _torch_threads(torch_threads):
         server_app(grid, context)
     return EngineRun(run_id=run_id, server_context=context, stats=grid.stats)
+
+
+def _fast_path(client_app: ClientApp) -> BatchDelivery | None:
+    # fedscale's ClientApp can only be this one if its module is loaded: other
+    # apps never pay for importing the cohort trainer (and torch).
+    ours = sys.modules.get("fedscale.edge_client.app")
+    if ours is None or client_app is not getattr(ours, "app", None):
+        return None
+    from .cohort_delivery import fast_path_for
+
+    return fast_path_for(client_app)
 
 
 @contextmanager

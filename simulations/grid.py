@@ -23,6 +23,11 @@ With a :class:`~fedscale.simulations.system.SimulatedSystem` (``system=``, expos
 as :attr:`InProcessGrid.system`), ``get_node_ids`` returns only the nodes online
 at the system's virtual time, and a message to a node offline then gets an
 error reply (``NODE_UNAVAILABLE``) instead of reaching the ClientApp.
+
+With a ``fast_path`` (see :mod:`.cohort_delivery`), the messages of one
+``pull_messages`` call are first offered to it as a batch; it answers those it
+can (a cohort of train messages for fedscale's own ClientApp, trained at once)
+and every other message is delivered one by one as above.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ __all__ = ["GridStats", "InProcessGrid"]
 log = logging.getLogger(__name__)
 
 NodeConfigFn = Callable[[int], Mapping[str, Any]]
+# Answers what it can of a batch of pushed messages: replies (ids set) by message id.
+BatchDelivery = Callable[["InProcessGrid", list[Message]], dict[str, Message]]
 
 
 @dataclass
@@ -88,6 +95,8 @@ class InProcessGrid(Grid):
     system
         Optional simulated devices and virtual clock over the same ``num_nodes``
         clients: only the nodes online at its current time are offered.
+    fast_path
+        Optional batch delivery offered each ``pull_messages`` batch first.
 
     """
 
@@ -100,6 +109,7 @@ class InProcessGrid(Grid):
         run_config: Mapping[str, Any],
         node_config: NodeConfigFn | None = None,
         system: SimulatedSystem | None = None,
+        fast_path: BatchDelivery | None = None,
     ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes: expected an integer >= 1, got {num_nodes}")
@@ -117,6 +127,7 @@ class InProcessGrid(Grid):
         self._run_config = dict(run_config)
         self._run = make_run(run_id, self._run_config)
         self._extra_node_config = node_config
+        self._fast_path = fast_path
         self._contexts: dict[int, Context] = {}
         self._pending: dict[str, Message] = {}
         self._replies: dict[str, Message] = {}
@@ -172,10 +183,12 @@ class InProcessGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         """Deliver the pending messages among ``message_ids`` and return their replies."""
         wanted = list(message_ids)
-        for message_id in wanted:
-            message = self._pending.pop(message_id, None)
-            if message is not None:
-                self._replies[message_id] = self._deliver(message)
+        batch = [m for i in wanted if (m := self._pending.pop(i, None)) is not None]
+        if self._fast_path is not None and batch:
+            self._replies.update(self._fast_path(self, batch))
+        for message in batch:
+            if message.metadata.message_id not in self._replies:
+                self._replies[message.metadata.message_id] = self._deliver(message)
         return [self._replies.pop(i) for i in wanted if i in self._replies]
 
     def send_and_receive(
@@ -186,9 +199,18 @@ class InProcessGrid(Grid):
 
     # ------------------------------------------------------------------ delivery
 
-    def _node_context(self, node_id: int) -> Context:
-        stored = self._contexts.get(node_id)
-        state = copy_record_dict(stored.state) if stored is not None else RecordDict()
+    @property
+    def client_app(self) -> ClientApp:
+        """The ClientApp every virtual node runs."""
+        return self._client_app
+
+    @property
+    def run_config(self) -> dict[str, Any]:
+        """The run config every node's ``Context`` holds (a copy)."""
+        return dict(self._run_config)
+
+    def node_config(self, node_id: int) -> dict[str, Any]:
+        """Return the ``node_config`` of node ``node_id``'s ``Context``."""
         partition_id = node_id - FIRST_CLIENT_NODE_ID
         node_config: dict[str, Any] = {
             "partition-id": partition_id,
@@ -196,10 +218,33 @@ class InProcessGrid(Grid):
         }
         if self._extra_node_config is not None:
             node_config.update(self._extra_node_config(partition_id))
+        return node_config
+
+    def unavailable_reply(self, message: Message) -> Message | None:
+        """Return the error reply (id set) for a node that does not exist or is offline.
+
+        ``None`` when the node can take the message; counted in :attr:`stats`.
+        """
+        node_id = message.metadata.dst_node_id
+        if not FIRST_CLIENT_NODE_ID <= node_id < FIRST_CLIENT_NODE_ID + self._num_nodes:
+            reason = f"node {node_id} does not exist"
+        elif self.system is not None and not self.system.is_online(node_id):
+            self.stats.unavailable += 1
+            reason = f"node {node_id} is offline at {self.system.now:g} s of virtual time"
+        else:
+            return None
+        self.stats.errors += 1
+        reply = error_reply(message, NODE_UNAVAILABLE, reason)
+        set_message_id(reply, uuid.uuid4().hex)
+        return reply
+
+    def _node_context(self, node_id: int) -> Context:
+        stored = self._contexts.get(node_id)
+        state = copy_record_dict(stored.state) if stored is not None else RecordDict()
         return Context(
             run_id=self._run.run_id,
             node_id=node_id,
-            node_config=node_config,
+            node_config=self.node_config(node_id),
             state=state,
             run_config=dict(self._run_config),
         )
@@ -207,21 +252,9 @@ class InProcessGrid(Grid):
     def _deliver(self, message: Message) -> Message:
         node_id = message.metadata.dst_node_id
         self.stats.messages += 1
-        if not FIRST_CLIENT_NODE_ID <= node_id < FIRST_CLIENT_NODE_ID + self._num_nodes:
-            self.stats.errors += 1
-            reply = error_reply(message, NODE_UNAVAILABLE, f"node {node_id} does not exist")
-            set_message_id(reply, uuid.uuid4().hex)
-            return reply
-        if self.system is not None and not self.system.is_online(node_id):
-            self.stats.errors += 1
-            self.stats.unavailable += 1
-            reply = error_reply(
-                message,
-                NODE_UNAVAILABLE,
-                f"node {node_id} is offline at {self.system.now:g} s of virtual time",
-            )
-            set_message_id(reply, uuid.uuid4().hex)
-            return reply
+        unavailable = self.unavailable_reply(message)
+        if unavailable is not None:
+            return unavailable
         delivered = copy_message_for_delivery(message)
         context = self._node_context(node_id)
         started = time.perf_counter()
