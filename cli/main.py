@@ -155,6 +155,14 @@ def simulate(
             "allows it (same results within float rounding); --no-fast-path: one by one."
         ),
     ] = True,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="In-process engine: worker processes for the clients trained one by one "
+            "(same results; 1: this process alone; 0: one per CPU core).",
+        ),
+    ] = 1,
     out: OutOpt = None,
     server_app: Annotated[
         str | None,
@@ -204,6 +212,7 @@ def simulate(
                 engine=_engine(engine),
                 ray_address=ray_address,
                 fast_path=fast_path,
+                workers=workers,
             )
         print_summary(
             stdout,

@@ -27,6 +27,19 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode, SType
+from flwr.common.serde import (
+    context_from_proto,
+    context_to_proto,
+    message_from_proto,
+    message_to_proto,
+    recorddict_from_proto,
+    recorddict_to_proto,
+)
+from flwr.common.serde_utils import metadata_from_proto, metadata_to_proto
+from flwr.proto.message_pb2 import Context as ProtoContext
+from flwr.proto.message_pb2 import Message as ProtoMessage
+from flwr.proto.message_pb2 import Metadata as ProtoMetadata
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.supercore.constant import NOOP_FEDERATION_ID
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -35,11 +48,20 @@ from numpy.typing import NDArray
 from fedscale.codec import decode, encode
 
 __all__ = [
+    "CLIENT_APP_CRASHED",
     "CLIENT_APP_RAISED_EXCEPTION",
     "NODE_UNAVAILABLE",
     "SERVER_NODE_ID",
     "copy_message_for_delivery",
     "copy_record_dict",
+    "decode_context",
+    "decode_delivered",
+    "decode_message",
+    "decode_records",
+    "encode_context",
+    "encode_message",
+    "encode_metadata",
+    "encode_records",
     "error_reply",
     "fast_array_codec",
     "make_run",
@@ -54,6 +76,8 @@ __all__ = [
 SERVER_NODE_ID = SUPERLINK_NODE_ID
 FIRST_CLIENT_NODE_ID = SUPERLINK_NODE_ID + 1
 CLIENT_APP_RAISED_EXCEPTION = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+# What a SuperNode replies when its ClientApp process stops responding.
+CLIENT_APP_CRASHED = ErrorCode.CLIENT_APP_CRASHED
 NODE_UNAVAILABLE = ErrorCode.NODE_UNAVAILABLE
 _SERVER_TASK_ID = 1
 
@@ -203,3 +227,53 @@ def fast_array_codec() -> Iterator[None]:
 def error_reply(message: Message, code: int, reason: str) -> Message:
     """Reply to ``message`` with an ``Error`` instead of content."""
     return Message(Error(code=code, reason=reason), reply_to=message)
+
+
+# Flower's own wire form (its protobuf serde) for what crosses a process boundary:
+# worker processes (.workers) receive messages and contexts, and send replies and
+# contexts back, as the bytes Flower's SuperLink and SuperNodes exchange, never as
+# pickles. A message's metadata and content travel apart, so that the content a
+# round's messages share is encoded once.
+
+
+def encode_message(message: Message) -> bytes:
+    """Encode a whole message (metadata, and content or error) in Flower's wire form."""
+    return bytes(message_to_proto(message).SerializeToString())
+
+
+def decode_message(data: bytes) -> Message:
+    """Decode what :func:`encode_message` encoded."""
+    return message_from_proto(ProtoMessage.FromString(data))
+
+
+def encode_metadata(message: Message) -> bytes:
+    """Encode a message's metadata alone in Flower's wire form."""
+    return bytes(metadata_to_proto(message.metadata).SerializeToString())
+
+
+def decode_delivered(metadata: bytes, content: RecordDict) -> Message:
+    """Rebuild a message from its encoded metadata and its (decoded) content."""
+    delivered: Message = Message(  # type: ignore[call-overload]
+        content=content, metadata=metadata_from_proto(ProtoMetadata.FromString(metadata))
+    )
+    return delivered
+
+
+def encode_records(records: RecordDict) -> bytes:
+    """Encode a ``RecordDict`` in Flower's wire form."""
+    return bytes(recorddict_to_proto(records).SerializeToString())
+
+
+def decode_records(data: bytes) -> RecordDict:
+    """Decode what :func:`encode_records` encoded."""
+    return recorddict_from_proto(ProtoRecordDict.FromString(data))
+
+
+def encode_context(context: Context) -> bytes:
+    """Encode a node's ``Context`` (its state, node and run config) in Flower's wire form."""
+    return bytes(context_to_proto(context).SerializeToString())
+
+
+def decode_context(data: bytes) -> Context:
+    """Decode what :func:`encode_context` encoded."""
+    return context_from_proto(ProtoContext.FromString(data))

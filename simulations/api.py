@@ -49,6 +49,7 @@ def simulate(
     dataset: str | Callable[[], Any] | None = None,
     model: str | Callable[..., Any] | None = None,
     fast_path: bool = True,
+    workers: int = 1,
     **overrides: Any,
 ) -> SimulationResult:
     """Simulate a federation of ``clients`` nodes running fedscale's apps.
@@ -63,6 +64,9 @@ def simulate(
     default) trains each round's clients as one cohort when the model allows it,
     with the same results as one by one within float rounding (see
     :mod:`fedscale.simulations.cohort_delivery`); ``False`` trains them one by one.
+    ``workers`` (in-process engine; 1 by default, 0: one per CPU core) runs the
+    clients the fast path leaves in that many worker processes, with the same
+    results (see :mod:`fedscale.simulations.workers`).
     """
     if dataset is not None:
         overrides["dataset"] = _register(dataset, engine, register_dataset, "dataset")
@@ -111,6 +115,7 @@ def simulate(
         ray_address=ray_address,
         system=system,
         fast_path=fast_path,
+        workers=workers,
     )
     run_dir = RunDirectory(settings.out)
     return SimulationResult(run_dir=run_dir, rounds=run_dir.read_metrics())
@@ -126,13 +131,15 @@ def run_apps(
     ray_address: str | None = None,
     system: SimulatedSystem | None = None,
     fast_path: bool = True,
+    workers: int = 1,
 ) -> None:
     """Run any Flower ServerApp and ClientApp (objects or ``MODULE:ATTR``) together.
 
     ``system`` (in-process engine only) gives the nodes simulated devices on a
     virtual clock: only online nodes are offered to the strategy. ``fast_path``
     (in-process engine only) applies to fedscale's own ClientApp; see
-    :func:`~fedscale.simulations.engine.run_in_process`.
+    :func:`~fedscale.simulations.engine.run_in_process`, as does ``workers``
+    (worker processes; 1: this process alone).
     """
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
@@ -149,10 +156,16 @@ def run_apps(
             run_config=run_config,
             system=system,
             fast_path=fast_path,
+            workers=workers,
         )
     elif engine == "ray":
         if system is not None:
             raise ConfigError("system: simulated devices need the in-process engine, got ray")
+        if workers != 1:
+            raise ConfigError(
+                f"workers: worker processes belong to the in-process engine, got {workers} "
+                "with engine 'ray' (Ray runs its own actors)"
+            )
         from .ray_engine import run_on_ray
 
         run_on_ray(

@@ -8,12 +8,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import Context
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
 from ._flower import fast_array_codec, new_run_id, server_context, server_task_identity
 from .grid import BatchDelivery, GridStats, InProcessGrid, NodeConfigFn
+from .workers import resolve_workers, worker_pool
 
 if TYPE_CHECKING:
     from .system import SimulatedSystem
@@ -40,11 +41,13 @@ def run_in_process(
     system: SimulatedSystem | None = None,
     torch_threads: int | None = 1,
     fast_path: bool = True,
+    workers: int = 1,
 ) -> EngineRun:
     """Run ``server_app`` against ``num_nodes`` virtual nodes running ``client_app``.
 
-    Any Flower ServerApp and ClientApp pair runs here unchanged; nothing is
-    serialised and no process or socket is started. With ``system`` the nodes
+    Any Flower ServerApp and ClientApp pair runs here unchanged; with one
+    worker (the default) nothing is serialised and no process or socket is
+    started. With ``system`` the nodes
     have simulated devices on a virtual clock (see :mod:`.system`).
 
     Clients train one after another, and a small client's minibatches are too
@@ -58,21 +61,49 @@ def run_in_process(
     :mod:`.cohort_delivery`), with the same results as one by one within float
     rounding; everything else, and every other ClientApp, is delivered one
     message at a time.
+
+    ``workers`` (1 by default: this process alone; 0: one per CPU core) forks
+    that many worker processes, once the apps are loaded, to call the ClientApp
+    for the messages the fast path leaves, with the same results (see
+    :mod:`.workers`); the grid, the nodes' contexts and the simulated system stay
+    in this process.
     """
+    count = resolve_workers(workers)
     run_id = new_run_id()
-    grid = InProcessGrid(
-        client_app,
-        num_nodes,
-        run_id=run_id,
-        run_config=run_config,
-        node_config=node_config,
-        system=system,
-        fast_path=_fast_path(client_app) if fast_path else None,
-    )
     context = server_context(run_id, run_config)
-    with server_task_identity(run_id), fast_array_codec(), _torch_threads(torch_threads):
+    cohorts = _fast_path(client_app) if fast_path else None
+    with (
+        server_task_identity(run_id),
+        fast_array_codec(),
+        _torch_threads(torch_threads),
+        worker_pool(client_app, count) as pool,
+    ):
+        grid = InProcessGrid(
+            client_app,
+            num_nodes,
+            run_id=run_id,
+            run_config=run_config,
+            node_config=node_config,
+            system=system,
+            fast_path=cohorts if pool is None else _then(cohorts, pool.deliver),
+        )
         server_app(grid, context)
     return EngineRun(run_id=run_id, server_context=context, stats=grid.stats)
+
+
+def _then(first: BatchDelivery | None, rest: BatchDelivery) -> BatchDelivery:
+    """Offer a batch to ``first``, then what it left to ``rest``."""
+    if first is None:
+        return rest
+
+    def deliver(grid: InProcessGrid, messages: list[Message]) -> dict[str, Message]:
+        replies = first(grid, messages)
+        left = [m for m in messages if m.metadata.message_id not in replies]
+        if left:
+            replies.update(rest(grid, left))
+        return replies
+
+    return deliver
 
 
 def _fast_path(client_app: ClientApp) -> BatchDelivery | None:

@@ -238,7 +238,8 @@ class InProcessGrid(Grid):
         set_message_id(reply, uuid.uuid4().hex)
         return reply
 
-    def _node_context(self, node_id: int) -> Context:
+    def node_context(self, node_id: int) -> Context:
+        """Return the ``Context`` node ``node_id`` gets for one call (its state a copy)."""
         stored = self._contexts.get(node_id)
         state = copy_record_dict(stored.state) if stored is not None else RecordDict()
         return Context(
@@ -249,6 +250,13 @@ class InProcessGrid(Grid):
             run_config=dict(self._run_config),
         )
 
+    def commit_context(self, node_id: int, context: Context) -> None:
+        """Keep ``context`` as node ``node_id``'s after a successful call, as Flower does."""
+        if len(context.state) > 0:
+            self._contexts[node_id] = context
+        else:
+            self._contexts.pop(node_id, None)
+
     def _deliver(self, message: Message) -> Message:
         node_id = message.metadata.dst_node_id
         self.stats.messages += 1
@@ -256,7 +264,7 @@ class InProcessGrid(Grid):
         if unavailable is not None:
             return unavailable
         delivered = copy_message_for_delivery(message)
-        context = self._node_context(node_id)
+        context = self.node_context(node_id)
         started = time.perf_counter()
         try:
             reply = self._client_app(delivered, context)
@@ -272,11 +280,7 @@ class InProcessGrid(Grid):
             self.stats.errors += 1
             reply = error_reply(delivered, CLIENT_APP_RAISED_EXCEPTION, f"{type(ex)}:<'{ex}'>")
         else:
-            # Commit the context only after a successful call, as Flower does.
-            if len(context.state) > 0:
-                self._contexts[node_id] = context
-            else:
-                self._contexts.pop(node_id, None)
+            self.commit_context(node_id, context)
         finally:
             self.stats.client_seconds += time.perf_counter() - started
         set_message_id(reply, uuid.uuid4().hex)
