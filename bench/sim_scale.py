@@ -28,8 +28,11 @@ One run measures (issue 4's scaling report):
    with 100 per round, on the general path (the goal: at most 1.5x growth).
 
 4. Client updates per second against clients per round (10, 100, 1,000) for (c)
-   and (d). fedscale has no multi-process worker mode yet, so there is no sweep
-   over worker processes and no universal-scalability-law fit.
+   and (d), and for (c) against worker processes (``simulate(workers=N)``, N = 1,
+   2, 4, ... up to the machine's cores) at 100 and 1,000 per round. With three or
+   more worker counts the universal scalability law is fitted (``bench/usl.py``:
+   contention sigma, coherency kappa, and the worker count where adding workers
+   stops paying); with two cores there are two points, reported as measured.
 
 Each variant runs as a fresh process, so start-up (imports, Ray) counts, as it
 does for a user. Wall time is the process's; peak memory is the highest sum of RSS
@@ -44,6 +47,7 @@ sampled every 50 ms; a steady round is the median of rounds 2 to R.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -88,6 +92,19 @@ SWEEP_SIZES = (1000, 10_000, 100_000)
 SWEEP_PER_ROUND = 100
 SWEEP_ROUNDS = 6  # synthetic clients' sizes are heavy-tailed: a median over 5 steady rounds
 THROUGHPUT_PER_ROUND = (10, 100, 1000)
+WORKERS_PER_ROUND = (100, 1000)
+
+
+def worker_counts(cpus: int) -> list[int]:
+    """1, 2, 4, ... up to ``cpus`` (and ``cpus`` itself): the worker sweep's points."""
+    counts = [1]
+    while counts[-1] * 2 <= cpus:
+        counts.append(counts[-1] * 2)
+    if counts[-1] != cpus and cpus > 1:
+        counts.append(cpus)
+    return counts
+
+
 TIMEOUT_S = 900  # per variant; a variant that runs longer is reported as such
 # Issue 4's measurements of Flower 1.42's Ray engine (digits MLP, 100 per round,
 # 2 cores): seconds per steady round by federation size. Context, not this run.
@@ -182,6 +199,7 @@ def run_fedscale(variant: str, w: dict[str, Any], out: Path) -> None:
         _settings(w, out),
         engine="ray" if variant == "ray" else "inprocess",
         fast_path=variant == "fast",
+        workers=w.get("workers", 1),
     )
 
 
@@ -245,9 +263,16 @@ def _tree_rss(root: int) -> int:
     return total
 
 
+_RUNS = itertools.count(1)
+
+
 def measure(variant: str, w: dict[str, Any], workdir: Path, timeout: float) -> dict[str, Any]:
     """Run one variant in a fresh process; return wall time, memory and round times."""
-    out = workdir / f"{variant}-{w['dataset'].replace(':', '_')}-{w['clients']}-{w['per_round']}"
+    # A fresh folder for every measurement, even of the same settings.
+    out = workdir / (
+        f"{next(_RUNS):03d}-{variant}-{w['dataset'].replace(':', '_')}-{w['clients']}"
+        f"-{w['per_round']}"
+    )
     argv = [sys.executable, __file__, "--worker", variant, "--out", str(out)]
     argv += ["--workload", json.dumps(w)]
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
@@ -426,12 +451,55 @@ def report(results: dict[str, Any], only: list[str]) -> list[str]:
                 r = throughput.get(f"{variant}-{per_round}")
                 cells.append(_fmt(per_round / r["steady"], ".0f") if r and r.get("steady") else "-")
             lines.append(f"| {per_round:,} | {cells[0]} | {cells[1]} |")
+    lines += _worker_report(results.get("workers", {}))
+    return lines
+
+
+def _worker_report(workers: dict[str, Any]) -> list[str]:
+    if not workers:
+        return []
+    counts = sorted({int(key.split("-")[0]) for key in workers})
+    per_rounds = sorted({int(key.split("-")[1]) for key in workers})
+    lines = [
+        "",
+        "**Client updates per second against worker processes** (synthetic, 10,000 "
+        "clients, general path, steady rounds)",
+        "",
+        "| clients per round | "
+        + " | ".join(f"{n} worker{'s' if n > 1 else ''}" for n in counts)
+        + " | best vs 1 worker |",
+        "|---|" + "---|" * (len(counts) + 1),
+    ]
+    fits = []
+    for per_round in per_rounds:
+        rates = {}
+        for n in counts:
+            r = workers.get(f"{n}-{per_round}")
+            if r and r.get("steady"):
+                rates[n] = per_round / r["steady"]
+        if not rates:
+            continue
+        best = max(rates.values()) / rates[1] if 1 in rates else None
+        cells = [_fmt(rates[n], ".0f") if n in rates else "-" for n in counts]
+        lines.append(f"| {per_round:,} | " + " | ".join(cells) + f" | {_fmt(best)}x |")
+        if len(rates) >= 3:
+            from usl import fit_usl, peak_workers
+
+            ns = sorted(rates)
+            sigma, kappa, lam = fit_usl(ns, [rates[n] for n in ns])
+            fits.append(
+                f"- {per_round:,} per round: contention sigma {sigma:.3f}, coherency kappa "
+                f"{kappa:.4f}, one worker {lam:.0f} updates/s; adding workers stops paying "
+                f"at about {peak_workers(sigma, kappa):.1f} workers."
+            )
+    if fits:
+        lines += ["", "Universal scalability law, fitted (bench/usl.py):", *fits]
+    else:
         lines += [
             "",
-            "Worker processes: fedscale's in-process engine has no multi-process worker mode "
-            "yet, so the sweep over worker processes and the universal-scalability-law fit "
-            "(contention, coherency) are not done; on 2 cores the fit would be undetermined "
-            "anyway.",
+            f"{len(counts)} worker counts on this machine: the universal scalability law "
+            "(three coefficients) needs at least three, so the points are reported as "
+            "measured. Run on a machine with more cores for the fit.",
         ]
     return lines
 
@@ -445,6 +513,9 @@ def main() -> None:
     parser.add_argument("--only", default="a,b,c,d", help="variants to run, e.g. a,c,d")
     parser.add_argument("--skip-ray", action="store_true", help="leave out (b), Flower's Ray")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--skip-workers", action="store_true", help="leave out the worker-process sweep"
+    )
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per variant")
     args = parser.parse_args()
 
@@ -478,6 +549,7 @@ def main() -> None:
         "memory": {},
         "sweep": {},
         "throughput": {},
+        "workers": {},
     }
     with tempfile.TemporaryDirectory(prefix="fedscale-bench-") as tmp:
         work = Path(tmp)
@@ -529,6 +601,18 @@ def main() -> None:
                     r = measure(variant, w, work, args.timeout)
                     log(f"measured ({key}) {variant} at {per_round} per round")
                 results["throughput"][f"{variant}-{per_round}"] = r
+
+        if "c" in only and not args.skip_workers:
+            synthetic = workloads["synthetic"]
+            for per_round in (50,) if args.quick else WORKERS_PER_ROUND:
+                for n in worker_counts(os.cpu_count() or 1):
+                    key = f"{n}-{per_round}"
+                    r = results["throughput"].get(f"general-{per_round}") if n == 1 else None
+                    if r is None:
+                        w = dict(synthetic, per_round=per_round, rounds=3, workers=n)
+                        r = measure("general", w, work, args.timeout)
+                        log(f"measured (c) general with {n} workers at {per_round} per round")
+                    results["workers"][key] = r
 
     lines = report(results, only)
     print(f"sim_scale: {results['date']}, {results['cpus']} CPUs, `{results['command']}`\n")
