@@ -68,6 +68,21 @@ FractionEvaluate = Annotated[
     float, typer.Option(help="Fraction of clients that also evaluate each round.")
 ]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's own logs.")]
+StrategyOpt = Annotated[
+    str,
+    typer.Option(
+        help="Flower's fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, qfedavg, "
+        "fedmedian, fedtrimmedavg, krum, multikrum or bulyan."
+    ),
+]
+StrategyArgs = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--strategy-arg",
+        help="A strategy parameter, key=value (repeatable): --strategy-arg proximal-mu=0.1.",
+        show_default=False,
+    ),
+]
 KeepModels = Annotated[
     int, typer.Option(help="ONNX models kept in the run's models/ folder (the newest).")
 ]
@@ -148,6 +163,18 @@ def simulate(
     target_accuracy: Annotated[
         float, typer.Option(help="Report the (simulated) time to reach this accuracy (0: none).")
     ] = _D.target_accuracy,
+    strategy: StrategyOpt = _D.strategy,
+    strategy_args: StrategyArgs = None,
+    attack: Annotated[
+        str,
+        typer.Option(
+            help="Make --attack-fraction of the clients Byzantine: sign-flip, scale:<factor> "
+            "or noise:<std> (their updates, after training); '' for none."
+        ),
+    ] = _D.attack,
+    attack_fraction: Annotated[
+        float, typer.Option(help="With --attack: the fraction of clients that are Byzantine.")
+    ] = _D.attack_fraction,
     fast_path: Annotated[
         bool,
         typer.Option(
@@ -247,6 +274,8 @@ def server(
     fraction_evaluate: FractionEvaluate = _D.fraction_evaluate,
     keep_models: KeepModels = _D.keep_models,
     export_onnx: ExportOnnx = _D.export_onnx,
+    strategy: StrategyOpt = _D.strategy,
+    strategy_args: StrategyArgs = None,
     round_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for replies (and for SuperNodes).")
     ] = _D.round_timeout,
@@ -453,7 +482,7 @@ def _settings_from_options(options: dict[str, Any]) -> RunSettings:
     become that field; ``out`` is a path the command resolves itself.
     """
     names = {f.name for f in dataclasses.fields(RunSettings)} - {"out"}
-    kwargs = {_OPTION_TO_FIELD.get(k, k): v for k, v in options.items()}
+    kwargs = {_OPTION_TO_FIELD.get(k, k): _option_value(k, v) for k, v in options.items()}
     return RunSettings(**{k: v for k, v in kwargs.items() if k in names})
 
 
@@ -471,11 +500,18 @@ def _scenario_settings(ctx: typer.Context, scenario: str, options: dict[str, Any
     given = {name for name in ctx.params if ctx.get_parameter_source(name) not in implicit}
     names = {f.name for f in dataclasses.fields(RunSettings)} - {"out"}
     overrides = {
-        _OPTION_TO_FIELD.get(k, k): v
+        _OPTION_TO_FIELD.get(k, k): _option_value(k, v)
         for k, v in options.items()
         if k in given and _OPTION_TO_FIELD.get(k, k) in names
     }
     return load_scenario(scenario, **overrides)
+
+
+def _option_value(name: str, value: Any) -> Any:
+    # Repeated --strategy-arg options make the one strategy-args string a run config holds.
+    if name == "strategy_args":
+        return " ".join(value or ())
+    return value
 
 
 def _engine(name: str) -> Any:

@@ -11,6 +11,11 @@ A node whose ``node_config`` has ``model-dir`` also keeps a model directory
 (:mod:`fedscale.modelstore`): on every train message it exports the global
 model it received to ONNX and publishes it there before training, so a device
 serves the federation's newest model.
+
+A round's config with ``proximal-mu`` (Flower's FedProx sends it) adds FedProx's
+proximal term to local training. A run with an ``attack`` makes its Byzantine
+clients (a fixed set, see :mod:`fedscale.attacks`) reply with a malicious update
+instead of the honest one, after training, on every runtime alike.
 """
 
 from __future__ import annotations
@@ -32,22 +37,25 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from fedscale.attacks import Attack, apply_attack, is_byzantine
 from fedscale.exceptions import ConfigError, DataError, FedscaleError, RecordError
 from fedscale.models import build_model
 from fedscale.node_data import NodeData, node_data, node_device_name
-from fedscale.records import load_arrays_into, state_dict_to_arrays
+from fedscale.records import arrays_to_state_dict, load_arrays_into, state_dict_to_arrays
 from fedscale.settings import RunSettings
 from fedscale.training import evaluate, resolve_device, shuffle_seed, train
 
 if TYPE_CHECKING:
     from fedscale.export import OnnxExporter
 
-__all__ = ["MODEL_DIR_KEY", "app"]
+__all__ = ["MODEL_DIR_KEY", "PROXIMAL_MU_KEY", "app"]
 
 log = logging.getLogger(__name__)
 
 # node_config key naming the device's model directory (`edge-client --model-dir`).
 MODEL_DIR_KEY = "model-dir"
+# ConfigRecord key of FedProx's proximal term weight (flwr.serverapp.strategy.FedProx sets it).
+PROXIMAL_MU_KEY = "proximal-mu"
 
 app = ClientApp()
 
@@ -68,10 +76,14 @@ def train_handler(msg: Message, context: Context) -> Message:
         lr=_config_float(config, "lr", settings.lr),
         device=device,
         seed=_client_seed(settings, config, context),
+        proximal_mu=_proximal_mu(config),
     )
+    trained = state_dict_to_arrays(model.state_dict())
+    if settings.attack:
+        trained = _maybe_attack(trained, msg, settings, config, context)
     reply = RecordDict(
         {
-            "arrays": state_dict_to_arrays(model.state_dict()),
+            "arrays": trained,
             "metrics": MetricRecord(
                 {"num-examples": result.num_examples, "train-loss": result.loss}
             ),
@@ -217,6 +229,53 @@ def _cached_exporter(x: np.ndarray[Any, Any]) -> OnnxExporter:
     if key not in cache:
         cache[key] = OnnxExporter.for_data(x)
     return cache[key]
+
+
+def _proximal_mu(config: ConfigRecord) -> float:
+    """Return FedProx's ``proximal-mu`` from the round's config (Flower's FedProx sends it)."""
+    value = config.get(PROXIMAL_MU_KEY, 0.0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise RecordError(
+            f"config {PROXIMAL_MU_KEY!r}: expected a number >= 0 from the server, got {value!r}"
+        )
+    return float(value)
+
+
+def _maybe_attack(
+    trained: ArrayRecord,
+    msg: Message,
+    settings: RunSettings,
+    config: ConfigRecord,
+    context: Context,
+) -> ArrayRecord:
+    """Replace the update by the run's attack if this client is Byzantine (see fedscale.attacks).
+
+    After training, so every runtime attacks alike and the honest update is the
+    one :func:`fedscale.training.train` gives.
+    """
+    attack = Attack.parse(settings.attack)
+    if attack is None:
+        return trained
+    partition_id = context.node_config.get("partition-id")
+    num_partitions = context.node_config.get("num-partitions", settings.num_clients)
+    if not isinstance(partition_id, int) or not isinstance(num_partitions, int):
+        raise ConfigError(
+            f"attack {settings.attack!r}: expected a node with an integer partition-id and "
+            f"num-partitions (a simulated or demo federation), got node config "
+            f"partition-id={partition_id!r}, num-partitions={num_partitions!r}"
+        )
+    if not is_byzantine(settings.seed, partition_id, num_partitions, settings.attack_fraction):
+        return trained
+    received = next(r for r in msg.content.values() if isinstance(r, ArrayRecord))
+    attacked = apply_attack(
+        attack,
+        {k: t.numpy() for k, t in arrays_to_state_dict(received).items()},
+        {k: t.numpy() for k, t in arrays_to_state_dict(trained).items()},
+        seed=settings.seed,
+        server_round=_config_int(config, "server-round", 1),
+        partition_id=partition_id,
+    )
+    return state_dict_to_arrays({k: torch.from_numpy(v) for k, v in attacked.items()})
 
 
 def _client_seed(settings: RunSettings, config: ConfigRecord, context: Context) -> int:

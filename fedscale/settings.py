@@ -16,11 +16,12 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Any
 
+from .attacks import Attack
 from .devices import BUILTIN_MIXES
 from .exceptions import ConfigError
 from .partition import parse_scheme
 
-__all__ = ["RunSettings", "parse_device_name"]
+__all__ = ["RunSettings", "parse_device_name", "parse_strategy_args"]
 
 _TRACES = (".csv", ".json")
 
@@ -66,6 +67,10 @@ class RunSettings:
     keep_models: int = 5
     export_onnx: bool = True
     out: str = ""
+    strategy: str = "fedavg"
+    strategy_args: str = ""
+    attack: str = ""
+    attack_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -107,6 +112,7 @@ class RunSettings:
         _check(bool(self.model), "model", "a model name or MODULE:ATTR", self.model)
         _check(self.keep_models >= 1, "keep-models", "an integer >= 1", self.keep_models)
         _check_simulated_system(self)
+        _check_strategy_and_attack(self)
         parse_scheme(self.partition)
         parse_device_name(self.device)
 
@@ -190,6 +196,10 @@ _FIELD_TYPES: dict[str, type] = {
     "keep_models": int,
     "export_onnx": bool,
     "out": str,
+    "strategy": str,
+    "strategy_args": str,
+    "attack": str,
+    "attack_fraction": float,
 }
 
 
@@ -246,3 +256,57 @@ def _check_simulated_system(s: RunSettings) -> None:
         # would silently do nothing.
         for key, value in (("deadline", s.deadline), ("overcommit", s.overcommit)):
             _check(value == 0, key, "0 unless device-mix is set (it needs device profiles)", value)
+
+
+def parse_strategy_args(text: str) -> dict[str, str]:
+    """Split a ``strategy-args`` setting, ``'key=value key2=value2'``, into its pairs.
+
+    Flower's run configs hold scalars only, hence one string. Values are kept as
+    text: the strategy registry (``fedscale.server.strategies``) converts them to
+    the types its strategy's constructor takes.
+    """
+    pairs: dict[str, str] = {}
+    for token in text.split():
+        key, sep, value = token.partition("=")
+        if not sep or not key or not value:
+            raise ConfigError(
+                f"strategy-args: expected space-separated key=value pairs "
+                f"(proximal-mu=0.1 beta=0.2), got {token!r} in {text!r}"
+            )
+        if key in pairs:
+            raise ConfigError(f"strategy-args: expected each key once, got {key!r} twice")
+        pairs[key] = value
+    return pairs
+
+
+def _check_strategy_and_attack(s: RunSettings) -> None:
+    """Check the strategy's and the attack's syntax (the registry checks names and types)."""
+    _check(
+        s.strategy == s.strategy.strip() and bool(s.strategy),
+        "strategy",
+        "a strategy name such as fedavg, fedprox or krum",
+        s.strategy,
+    )
+    parse_strategy_args(s.strategy_args)
+    attack = Attack.parse(s.attack)
+    _check(
+        0.0 <= s.attack_fraction <= 1.0,
+        "attack-fraction",
+        "a fraction of the clients in [0, 1]",
+        s.attack_fraction,
+    )
+    # Either alone would silently do nothing.
+    if attack is None:
+        _check(
+            s.attack_fraction == 0,
+            "attack-fraction",
+            "0 unless attack is set (sign-flip, scale:<factor> or noise:<std>)",
+            s.attack_fraction,
+        )
+    else:
+        _check(
+            s.attack_fraction > 0,
+            "attack-fraction",
+            f"a fraction > 0 of the clients to make Byzantine with attack {s.attack!r}",
+            s.attack_fraction,
+        )

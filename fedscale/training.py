@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .exceptions import DeviceError
+from .exceptions import ConfigError, DeviceError
 from .settings import parse_device_name
 
 __all__ = [
@@ -119,17 +121,31 @@ def train(
     lr: float,
     device: torch.device,
     seed: int,
+    proximal_mu: float = 0.0,
+    global_params: Sequence[torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with minibatch SGD and cross-entropy.
 
     Batches are shuffled by a generator seeded with ``seed``, so the same inputs
     give the same weights. The reported loss is the mean over the last epoch.
+
+    ``proximal_mu > 0`` adds FedProx's proximal term (Li et al., 2020)
+    ``mu / 2 * ||w - w_global||^2`` to every batch's loss, which keeps local
+    training near the global model on heterogeneous data. ``global_params`` are
+    the global weights, one per trainable parameter in ``model.parameters()``
+    order; by default the model's weights when training starts (the received
+    global model). The term's gradient ``mu * (w - w_global)`` is added to the
+    batch gradient exactly; the reported loss stays the cross-entropy alone, so
+    it compares across strategies.
     """
+    if not (math.isfinite(proximal_mu) and proximal_mu >= 0):
+        raise ConfigError(f"proximal-mu: expected a finite number >= 0, got {proximal_mu!r}")
     _move(model, device)
     model.train()
     inputs = _as_tensor(x, device)
     targets = _as_tensor(y, device)
     params = [p for p in model.parameters() if p.requires_grad]
+    anchors = _anchors(params, global_params) if proximal_mu > 0 else None
     generator = torch.Generator().manual_seed(seed)
     n = len(inputs)
     steps = 0
@@ -145,10 +161,44 @@ def train(
                 p.grad = None
             loss = F.cross_entropy(model(inputs[idx]), targets[idx])
             loss.backward()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+            if anchors is not None:
+                _add_proximal_grad(params, anchors, proximal_mu)
             _sgd_step(params, lr)
             epoch_loss += float(loss.detach()) * len(idx)
             steps += 1
     return TrainResult(loss=epoch_loss / n, num_examples=n, steps=steps)
+
+
+def _anchors(
+    params: list[nn.Parameter], global_params: Sequence[torch.Tensor] | None
+) -> list[torch.Tensor]:
+    """Return detached copies of the proximal term's global weights, checked against ``params``."""
+    if global_params is None:
+        return [p.detach().clone() for p in params]
+    anchors = list(global_params)
+    if len(anchors) != len(params) or any(
+        a.shape != p.shape for a, p in zip(anchors, params, strict=False)
+    ):
+        raise ConfigError(
+            f"global_params: expected {len(params)} tensors shaped like the model's trainable "
+            f"parameters {[tuple(p.shape) for p in params]}, got "
+            f"{[tuple(a.shape) for a in anchors]}"
+        )
+    return [
+        a.detach().to(device=p.device, dtype=p.dtype, copy=True)
+        for a, p in zip(anchors, params, strict=True)
+    ]
+
+
+@torch.no_grad()
+def _add_proximal_grad(params: list[nn.Parameter], anchors: list[torch.Tensor], mu: float) -> None:
+    """Add the gradient of ``mu / 2 * ||w - w_global||^2``, ``mu * (w - w_global)``."""
+    for p, anchor in zip(params, anchors, strict=True):
+        prox = (p - anchor).mul_(mu)
+        if p.grad is None:
+            p.grad = prox
+        else:
+            p.grad.add_(prox)
 
 
 @torch.no_grad()

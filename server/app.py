@@ -1,4 +1,4 @@
-"""fedscale's ServerApp: FedAvg over the run's clients, evaluated on the server.
+"""fedscale's ServerApp: the run's strategy (FedAvg by default), evaluated on the server.
 
 Runs unchanged on a real SuperLink (``fedscale server``, ``flwr run``), on
 Flower's Ray simulation and on fedscale's in-process engine. Settings come from

@@ -42,6 +42,8 @@ from fedscale.runs import RoundRecord, RunDirectory
 from fedscale.settings import RunSettings
 from fedscale.training import EvalResult, evaluate, resolve_device
 
+from .strategies import build_strategy
+
 if TYPE_CHECKING:
     from fedscale.export import OnnxExporter
 
@@ -188,19 +190,18 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float, poll: float = 1.0) ->
 
 
 def default_strategy(settings: RunSettings) -> FedAvg:
-    """Flower's FedAvg, sized each round by :func:`size_for_round`."""
-    return FedAvg(
-        # With fraction-evaluate 0 the round loop never asks for federated
-        # evaluation; FedAvg's own 0.0 would only log a warning every run.
-        fraction_evaluate=settings.fraction_evaluate or 1.0,
-        min_available_nodes=1,
-    )
+    """Return the run's strategy (``strategy``, ``strategy-args``), sized each round.
+
+    Every strategy of :mod:`fedscale.server.strategies` is Flower's, derives
+    from ``FedAvg`` and is sized by :func:`size_for_round`.
+    """
+    return build_strategy(settings)
 
 
 def size_for_round(
     strategy: FedAvg, settings: RunSettings, connected: int, *, sample: int | None = None
 ) -> int:
-    """Make FedAvg sample exactly ``min(sample, connected)`` nodes.
+    """Make a FedAvg-derived strategy sample exactly ``min(sample, connected)`` nodes.
 
     ``sample`` defaults to ``clients-per-round`` (more with over-commitment).
     FedAvg samples ``max(int(fraction_train * connected), min_train_nodes)`` and
@@ -231,6 +232,9 @@ def run_federation(
     ONNX into ``out/models``, keeping the newest ``keep-models``; returns the
     result.
     """
+    # Before anything is written: a misconfigured strategy fails the run at once.
+    sized_here = strategy is None
+    strategy = default_strategy(settings) if strategy is None else strategy
     # Flower's samplers draw from the `random` module: seed it for repeatable runs.
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
@@ -256,8 +260,6 @@ def run_federation(
     else:
         # Simulated nodes never connect late; whoever is offline now may be online later.
         available = list(grid.get_node_ids())
-    sized_here = strategy is None
-    strategy = strategy or default_strategy(settings)
     log.info(
         "run %s: %d rounds of %s on %s, %d nodes connected",
         run_dir.path.name,

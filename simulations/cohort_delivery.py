@@ -12,7 +12,9 @@ same key order and dtypes, equal within float rounding.
 
 Everything else is left to the grid's general path, unchanged: evaluate and
 other messages, other ClientApps, a ClientApp given mods, models that are not
-eligible, nodes with a model directory (those export before training), and any
+eligible, nodes with a model directory (those export before training), messages
+with FedProx's ``proximal-mu`` above 0, every message of a run with an ``attack``
+(its Byzantine clients change their replies after training), and any
 message whose inputs the ClientApp would refuse (so its error reply is the one
 the general path gives). Nodes that do not exist or are offline get the grid's
 own error replies.
@@ -90,6 +92,8 @@ def deliver_cohorts(grid: InProcessGrid, messages: list[Message]) -> dict[str, M
         settings = RunSettings.from_run_config(grid.run_config, complete=True)
     except FedscaleError:
         return {}  # the ClientApp refuses these settings: let it say so per message
+    if settings.attack:
+        return {}  # Byzantine clients change their replies after training: the ClientApp's job
     replies: dict[str, Message] = {}
     groups: dict[_GroupKey, list[_Client]] = {}
     records: dict[int, ArrayRecord] = {}
@@ -117,12 +121,15 @@ def _client(
     message: Message, settings: RunSettings, node_config: dict[str, Any]
 ) -> tuple[_GroupKey, _Client, ArrayRecord]:
     """Gather what the ClientApp's train handler reads, checked as it checks it."""
-    from fedscale.edge_client.app import _config, _config_float, _config_int
+    from fedscale.edge_client.app import PROXIMAL_MU_KEY, _config, _config_float, _config_int
 
     config: ConfigRecord = _config(message)
     arrays = [r for r in message.content.values() if isinstance(r, ArrayRecord)]
     if len(arrays) != 1 or "num-classes" not in config:
         raise RecordError("not a train message fedscale's ClientApp accepts")
+    if config.get(PROXIMAL_MU_KEY, 0.0) != 0.0:
+        # FedProx's proximal term is not part of cohort training: the ClientApp adds it.
+        raise RecordError("a proximal term: trained by the ClientApp")
     num_classes = _config_int(config, "num-classes", 0)
     data = node_data(settings, node_config)
     if int(data.y_train.max()) >= num_classes:

@@ -62,7 +62,9 @@ def test_the_apps_demand_a_complete_run_config():
     del full["partition"]
     with pytest.raises(ConfigError, match=r"expected all of fedscale's keys.*missing partition"):
         RunSettings.from_run_config(full, complete=True)
-    with pytest.raises(ConfigError, match=r"missing allow-duplicate-samples, batch-size"):
+    with pytest.raises(
+        ConfigError, match=r"missing allow-duplicate-samples, attack, attack-fraction, batch-size"
+    ):
         RunSettings.from_run_config({}, complete=True)
 
 
