@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 
 from fedscale.attacks import Attack, byzantine_count, is_byzantine
 from fedscale.edge_client.app import app
@@ -15,6 +13,8 @@ from fedscale.models import build_model
 from fedscale.records import arrays_to_state_dict, state_dict_to_arrays
 from fedscale.settings import RunSettings
 from fedscale.simulations import simulate
+
+from .messages import incoming_message
 
 NUM = 10
 
@@ -69,21 +69,6 @@ def test_attack_and_fraction_come_together():
 # ------------------------------------------------------------------ the ClientApp
 
 
-def _message(content: RecordDict) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id="m-1",
-        src_node_id=1,
-        dst_node_id=7,
-        reply_to_message_id="",
-        group_id="3",
-        created_at=time.time(),
-        ttl=600.0,
-        message_type="train",
-    )
-    return Message(content=content, metadata=metadata)
-
-
 def _reply(
     settings: RunSettings,
     partition_id: int | None,
@@ -110,7 +95,7 @@ def _reply(
         state=RecordDict(),
         run_config=settings.to_run_config(),
     )
-    reply = app(_message(RecordDict({"arrays": arrays, "config": config})), context)
+    reply = app(incoming_message(RecordDict({"arrays": arrays, "config": config})), context)
     received = {k: v.numpy() for k, v in arrays_to_state_dict(arrays).items()}
     sent = {k: v.numpy() for k, v in arrays_to_state_dict(reply.content["arrays"]).items()}
     return received, sent

@@ -1,11 +1,9 @@
 """fedscale's ClientApp, called directly as Flower calls it: app(message, context)."""
 
-import time
-
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 
 from fedscale.edge_client.app import app
 from fedscale.edge_client.supernode import (
@@ -18,22 +16,9 @@ from fedscale.models import build_model
 from fedscale.records import arrays_to_state_dict, state_dict_to_arrays
 from fedscale.settings import RunSettings
 
+from .messages import incoming_message
+
 SETTINGS = RunSettings(local_epochs=1)
-
-
-def _message(content: RecordDict, message_type: str = "train") -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id="m-1",
-        src_node_id=1,
-        dst_node_id=7,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=600.0,
-        message_type=message_type,
-    )
-    return Message(content=content, metadata=metadata)
 
 
 def _context(node_config, settings=SETTINGS) -> Context:
@@ -62,7 +47,7 @@ def _global(shape=(1, 8, 8), classes=10) -> tuple[torch.nn.Module, RecordDict]:
 
 def test_train_on_a_partition_replies_with_new_arrays_and_num_examples():
     model, content = _global()
-    reply = app(_message(content), _context({"partition-id": 3, "num-partitions": 10}))
+    reply = app(incoming_message(content), _context({"partition-id": 3, "num-partitions": 10}))
     assert reply.metadata.reply_to_message_id == "m-1" and not reply.has_error()
     metrics = reply.content["metrics"]
     assert metrics["num-examples"] in (143, 144)
@@ -74,8 +59,8 @@ def test_train_on_a_partition_replies_with_new_arrays_and_num_examples():
 
 def test_same_round_and_partition_train_identically():
     _, content = _global()
-    a = app(_message(content), _context({"partition-id": 1, "num-partitions": 5}))
-    b = app(_message(content), _context({"partition-id": 1, "num-partitions": 5}))
+    a = app(incoming_message(content), _context({"partition-id": 1, "num-partitions": 5}))
+    b = app(incoming_message(content), _context({"partition-id": 1, "num-partitions": 5}))
     for key, value in a.content["arrays"].items():
         assert value.data == b.content["arrays"][key].data
 
@@ -85,7 +70,7 @@ def test_train_on_the_devices_own_data_file(tmp_path):
     np.savez(tmp_path / "mine.npz", x=rng.random((40, 1, 8, 8)), y=rng.integers(0, 10, 40))
     _, content = _global()
     reply = app(
-        _message(content),
+        incoming_message(content),
         _context({"data-path": str(tmp_path / "mine.npz"), "device": "cpu"}),
     )
     assert reply.content["metrics"]["num-examples"] == 40
@@ -94,7 +79,7 @@ def test_train_on_the_devices_own_data_file(tmp_path):
 def test_evaluate_reports_loss_and_accuracy():
     _, content = _global()
     reply = app(
-        _message(content, "evaluate"),
+        incoming_message(content, "evaluate"),
         _context({"partition-id": 0, "num-partitions": 4}),
     )
     metrics = reply.content["metrics"]
@@ -125,14 +110,14 @@ def test_evaluate_reports_loss_and_accuracy():
 def test_bad_node_config_is_a_clear_error(node_config, error, message):
     _, content = _global()
     with pytest.raises(error, match=message):
-        app(_message(content), _context(node_config))
+        app(incoming_message(content), _context(node_config))
 
 
 def test_device_data_that_does_not_fit_the_global_model_is_refused(tmp_path):
     np.savez(tmp_path / "wide.npz", x=np.zeros((4, 3)), y=np.array([0, 1, 2, 11]))
     _, content = _global()
     with pytest.raises(DataError, match=r"expected labels below 10 .* got label 11"):
-        app(_message(content), _context({"data-path": str(tmp_path / "wide.npz")}))
+        app(incoming_message(content), _context({"data-path": str(tmp_path / "wide.npz")}))
 
 
 def test_an_incomplete_run_config_is_refused():
@@ -145,7 +130,7 @@ def test_an_incomplete_run_config_is_refused():
         run_config={},
     )
     with pytest.raises(ConfigError, match="expected all of fedscale's keys"):
-        app(_message(content), context)
+        app(incoming_message(content), context)
 
 
 def test_supernode_command_line(tmp_path):

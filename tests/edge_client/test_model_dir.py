@@ -2,13 +2,12 @@
 
 import logging
 import re
-import time
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 
 from fedscale.edge_client.app import MODEL_DIR_KEY, app
 from fedscale.export import OnnxExporter
@@ -17,22 +16,9 @@ from fedscale.modelstore import ModelDirectory
 from fedscale.records import arrays_to_state_dict, state_dict_to_arrays
 from fedscale.settings import RunSettings
 
+from .messages import incoming_message
+
 SHAPE = (1, 8, 8)
-
-
-def _message(content: RecordDict, message_type: str = "train") -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id="m-1",
-        src_node_id=1,
-        dst_node_id=7,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=600.0,
-        message_type=message_type,
-    )
-    return Message(content=content, metadata=metadata)
 
 
 def _context(node_config, settings) -> Context:
@@ -59,7 +45,7 @@ def test_train_publishes_the_received_model_before_training(tmp_path, spec):
     settings = RunSettings(local_epochs=1, model=spec)
     received = build_model(spec, SHAPE, 10, seed=5).eval()
     node = {"partition-id": 1, "num-partitions": 4, MODEL_DIR_KEY: str(tmp_path / "models")}
-    reply = app(_message(_content(received, server_round=4)), _context(node, settings))
+    reply = app(incoming_message(_content(received, server_round=4)), _context(node, settings))
 
     # The reply is the trained model, as without a model directory.
     assert not reply.has_error() and reply.content["metrics"]["num-examples"] > 0
@@ -87,7 +73,7 @@ def test_rounds_accumulate_and_keep_models_applies(tmp_path):
     node = {"partition-id": 0, "num-partitions": 4, MODEL_DIR_KEY: str(tmp_path / "m")}
     for server_round in range(1, 5):
         model = build_model("mlp", SHAPE, 10, seed=server_round)
-        app(_message(_content(model, server_round)), _context(node, settings))
+        app(incoming_message(_content(model, server_round)), _context(node, settings))
     directory = ModelDirectory(tmp_path / "m")
     assert [p.name for p in directory.model_files()] == ["model-0002.onnx", "model-0003.onnx"]
     assert directory.read_manifest().round == 3
@@ -96,7 +82,7 @@ def test_rounds_accumulate_and_keep_models_applies(tmp_path):
 def test_without_a_model_dir_nothing_is_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     reply = app(
-        _message(_content(build_model("mlp", SHAPE, 10, seed=0), 1)),
+        incoming_message(_content(build_model("mlp", SHAPE, 10, seed=0), 1)),
         _context({"partition-id": 0, "num-partitions": 4}, RunSettings(local_epochs=1)),
     )
     assert not reply.has_error()
@@ -118,7 +104,7 @@ def test_a_failed_publish_is_logged_and_the_training_reply_survives(
     caplog.set_level(logging.ERROR, logger="fedscale.edge_client.app")
     node = {"partition-id": 0, "num-partitions": 4, MODEL_DIR_KEY: make_dir(tmp_path)}
     reply = app(
-        _message(_content(build_model("mlp", SHAPE, 10, seed=0), server_round)),
+        incoming_message(_content(build_model("mlp", SHAPE, 10, seed=0), server_round)),
         _context(node, RunSettings(local_epochs=1)),
     )
     assert not reply.has_error() and reply.content["metrics"]["num-examples"] > 0
@@ -131,7 +117,7 @@ def test_a_failed_publish_is_logged_and_the_training_reply_survives(
 def test_evaluate_messages_do_not_publish(tmp_path):
     node = {"partition-id": 0, "num-partitions": 4, MODEL_DIR_KEY: str(tmp_path / "models")}
     app(
-        _message(_content(build_model("mlp", SHAPE, 10, seed=0), 1), "evaluate"),
+        incoming_message(_content(build_model("mlp", SHAPE, 10, seed=0), 1), "evaluate"),
         _context(node, RunSettings(local_epochs=1)),
     )
     assert not (tmp_path / "models").exists()
