@@ -90,6 +90,12 @@ ExportOnnx = Annotated[
     bool,
     typer.Option(help="Export each round's global model to ONNX (models/), checked against torch."),
 ]
+MaxExamples = Annotated[
+    int, typer.Option(help="Reject updates claiming more num-examples than this.")
+]
+MaxUpdateBytes = Annotated[
+    int, typer.Option(help="Reject updates larger than this (0: twice the model plus 1 MiB).")
+]
 
 
 def _version(value: bool) -> None:
@@ -142,6 +148,8 @@ def simulate(
     fraction_evaluate: FractionEvaluate = _D.fraction_evaluate,
     keep_models: KeepModels = _D.keep_models,
     export_onnx: ExportOnnx = _D.export_onnx,
+    max_examples: MaxExamples = _D.max_examples,
+    max_update_bytes: MaxUpdateBytes = _D.max_update_bytes,
     device_mix: Annotated[
         str,
         typer.Option(
@@ -274,6 +282,8 @@ def server(
     fraction_evaluate: FractionEvaluate = _D.fraction_evaluate,
     keep_models: KeepModels = _D.keep_models,
     export_onnx: ExportOnnx = _D.export_onnx,
+    max_examples: MaxExamples = _D.max_examples,
+    max_update_bytes: MaxUpdateBytes = _D.max_update_bytes,
     strategy: StrategyOpt = _D.strategy,
     strategy_args: StrategyArgs = None,
     round_timeout: Annotated[
@@ -565,10 +575,12 @@ def _errors() -> Iterator[None]:
 
 
 from . import export  # noqa: E402 - registers after the app's own commands
+from . import report as report_command  # noqa: E402
 from . import serve as serve_command  # noqa: E402
 
 export.register(app)
 serve_command.register(app)
+report_command.register(app)
 
 
 def run() -> None:

@@ -18,7 +18,8 @@ evaluation, weighted by examples; null unless ``fraction-evaluate`` > 0),
 ``sim_seconds`` and ``sim_elapsed`` (the round's duration and the virtual clock at
 its end, in simulated seconds), ``clients_dropped`` and ``dropped`` (clients offered
 work whose update the round did not use, in all and by reason; these four are null
-without a device model), ``time`` (ISO 8601, UTC). Later versions only add fields; readers
+without a device model), ``clients_rejected`` (replies refused before aggregation by
+:mod:`fedscale.validation`), ``time`` (ISO 8601, UTC). Later versions only add fields; readers
 must ignore fields they do not know. See docs/metrics.md.
 """
 
@@ -63,6 +64,7 @@ class RoundRecord:
     sim_elapsed: float | None = None
     clients_dropped: int | None = None
     dropped: dict[str, int] | None = None
+    clients_rejected: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """Return the JSON object written for this round."""
@@ -153,7 +155,7 @@ class RunDirectory:
 
         meta = {"round": str(server_round), "keys": json.dumps(list(arrays))}
         meta.update(metadata or {})
-        data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=meta)
+        data = save({k: np.require(v, requirements="C") for k, v in arrays.items()}, metadata=meta)
         path = self.checkpoint_path(server_round)
         atomic_write(path, data)
         return path

@@ -71,6 +71,8 @@ class RunSettings:
     strategy_args: str = ""
     attack: str = ""
     attack_fraction: float = 0.0
+    max_examples: int = 1_000_000
+    max_update_bytes: int = 0
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -111,6 +113,18 @@ class RunSettings:
         _check(bool(self.dataset), "dataset", "a dataset name or path", self.dataset)
         _check(bool(self.model), "model", "a model name or MODULE:ATTR", self.model)
         _check(self.keep_models >= 1, "keep-models", "an integer >= 1", self.keep_models)
+        _check(
+            self.max_examples >= 1,
+            "max-examples",
+            "an integer >= 1 (the most num-examples an update may claim)",
+            self.max_examples,
+        )
+        _check(
+            self.max_update_bytes >= 0,
+            "max-update-bytes",
+            "an integer >= 0 (0: twice the global model's bytes plus 1 MiB)",
+            self.max_update_bytes,
+        )
         _check_simulated_system(self)
         _check_strategy_and_attack(self)
         parse_scheme(self.partition)
@@ -200,6 +214,8 @@ _FIELD_TYPES: dict[str, type] = {
     "strategy_args": str,
     "attack": str,
     "attack_fraction": float,
+    "max_examples": int,
+    "max_update_bytes": int,
 }
 
 

@@ -5,7 +5,9 @@ It drives any Flower ``Strategy`` through its four hooks (``configure_train``,
 calling ``Strategy.start``, because the server must act between rounds: evaluate
 the global model on its held-out split, store it, export it to the run's model
 directory, and write ``metrics.jsonl`` before the next round begins (``start``
-only returns at the end).
+only returns at the end). Every training reply is checked against the global
+model before the strategy sees it (:mod:`fedscale.validation`); a rejected one
+costs a log line and a count in ``metrics.jsonl``, never the round.
 
 A grid with a simulated system (``grid.system``, as fedscale's in-process engine
 sets it when a run has a ``device-mix``) also runs a virtual clock: the round
@@ -41,6 +43,7 @@ from fedscale.records import conform_dtypes, load_arrays_into, state_dict_to_arr
 from fedscale.runs import RoundRecord, RunDirectory
 from fedscale.settings import RunSettings
 from fedscale.training import EvalResult, evaluate, resolve_device
+from fedscale.validation import WEIGHT_KEY, screen_replies, update_byte_limit
 
 from .strategies import build_strategy
 
@@ -316,10 +319,13 @@ def run_federation(
         # Clients the round drops never hear from it: they cost no training.
         sent = messages if plan is None else _accepted(messages, plan)
         replies = _send(grid, sent, settings.round_timeout)
+        # Error replies and missing replies are failures; content that fails
+        # validation is rejected. Neither reaches the strategy's averaging.
+        failed = sum(r.has_error() for r in replies) + len(sent) - len(replies)
+        replies, rejected = _screen(server_round, replies, arrays, settings, strategy)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = conform_dtypes(new_arrays, arrays)
-        failed = sum(r.has_error() for r in replies) + len(sent) - len(replies)
 
         federated = None
         if settings.fraction_evaluate > 0:
@@ -348,12 +354,13 @@ def run_federation(
             result,
             _metric(train_metrics, "train-loss"),
             len(messages),
-            len(sent) - failed,
+            len(sent) - failed - rejected,
             failed,
             now - round_start,
             now - started,
             federated_loss=_metric(federated, "eval-loss"),
             federated_accuracy=_metric(federated, "eval-accuracy"),
+            rejected=rejected,
             **_simulated(system, plan),
         )
         records.append(record)
@@ -416,6 +423,35 @@ def _send(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
     if not messages:
         return []
     return list(grid.send_and_receive(messages, timeout=timeout))
+
+
+def _screen(
+    server_round: int,
+    replies: list[Message],
+    arrays: ArrayRecord,
+    settings: RunSettings,
+    strategy: Strategy,
+) -> tuple[list[Message], int]:
+    """Drop the replies :func:`fedscale.validation.screen_replies` rejects, one log line each.
+
+    Returns the replies to aggregate (error replies included: the strategy
+    counts them as failures) and how many were rejected.
+    """
+    kept, rejected = screen_replies(
+        replies,
+        arrays,
+        max_examples=settings.max_examples,
+        max_bytes=update_byte_limit(arrays, settings.max_update_bytes),
+        weight_key=getattr(strategy, "weighted_by_key", WEIGHT_KEY),
+    )
+    for reply, reason in rejected:
+        log.warning(
+            "round %d: update from node %d rejected: %s",
+            server_round,
+            reply.metadata.src_node_id,
+            reason,
+        )
+    return kept, len(rejected)
 
 
 def _evaluate_global(
@@ -488,6 +524,7 @@ def _record(
     sim_elapsed: float | None = None,
     clients_dropped: int | None = None,
     dropped: dict[str, int] | None = None,
+    rejected: int = 0,
 ) -> RoundRecord:
     return RoundRecord(
         round=server_round,
@@ -505,6 +542,7 @@ def _record(
         sim_elapsed=None if sim_elapsed is None else round(sim_elapsed, 6),
         clients_dropped=clients_dropped,
         dropped=dropped,
+        clients_rejected=rejected,
     )
 
 

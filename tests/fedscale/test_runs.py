@@ -44,6 +44,7 @@ def test_metrics_lines_follow_the_schema(tmp_path):
         "sim_elapsed",
         "clients_dropped",
         "dropped",
+        "clients_rejected",
         "time",
     }
     assert rows[0]["schema"] == METRICS_SCHEMA_VERSION
@@ -92,3 +93,13 @@ def test_config_is_written_as_toml(tmp_path):
         "lr": 0.1,
         "dataset": "digits",
     }
+
+
+def test_checkpoints_keep_zero_dimensional_arrays(tmp_path):
+    # A BatchNorm's num_batches_tracked is 0-d; np.ascontiguousarray would make it (1,).
+    run = RunDirectory(tmp_path / "run").create()
+    arrays = {"counter": np.array(7, dtype=np.int64), "w": np.ones((2, 3), dtype=np.float32).T}
+    run.save_global_model(1, arrays)
+    loaded = run.load_global_model(1)
+    assert loaded["counter"].shape == () and int(loaded["counter"]) == 7
+    np.testing.assert_array_equal(loaded["w"], arrays["w"])

@@ -120,6 +120,17 @@ def test_a_model_that_cannot_be_exported_faithfully_stops_the_run_at_round_0(tmp
     assert len(result.rounds) == 2
 
 
+class _NanLogits(torch.nn.Module):
+    """A model whose logits are NaN whatever its weights: its loss is NaN every round."""
+
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.linear = torch.nn.Linear(int(np.prod(input_shape)), num_classes)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1)) * float("nan")
+
+
 def test_a_diverged_run_still_publishes_and_leaves_nan_out_of_the_manifest(tmp_path, caplog):
     caplog.set_level(logging.ERROR, logger="fedscale")
     result = simulate(
@@ -128,9 +139,11 @@ def test_a_diverged_run_still_publishes_and_leaves_nan_out_of_the_manifest(tmp_p
         clients=4,
         clients_per_round=2,
         local_epochs=1,
-        lr=1e30,
+        model=_NanLogits,
     )
     assert result.rounds[-1]["loss"] is None  # NaN, written as null
+    # The clients' NaN updates never reach aggregation (update validation).
+    assert result.rounds[-1]["clients_rejected"] == 2
     manifest = ModelDirectory(result.run_dir.models).read_manifest()
     assert manifest.round == 2 and set(manifest.metrics) == {"accuracy"}
     # NaN weights give NaN logits in torch and in onnxruntime alike: parity holds.
