@@ -23,6 +23,7 @@ from fedscale import __version__
 from fedscale.exceptions import FedscaleError
 from fedscale.settings import RunSettings
 
+from .metrics import MetricsLinger, MetricsPort, both, round_metrics
 from .progress import RoundProgress, install_round_handler, print_summary
 
 __all__ = ["app", "run"]
@@ -199,6 +200,8 @@ def simulate(
         ),
     ] = 1,
     out: OutOpt = None,
+    metrics_port: MetricsPort = 0,
+    metrics_linger: MetricsLinger = 0.0,
     server_app: Annotated[
         str | None,
         typer.Option(help="Run a third-party ServerApp (MODULE:ATTR) instead."),
@@ -240,21 +243,22 @@ def simulate(
             settings = _settings_from_options(options)
         if out:
             settings = settings.replace(out=str(out.absolute()))
-        with RoundProgress(console, total=settings.num_rounds) as progress:
-            install_round_handler(progress.update)
-            result = run_simulation(
-                settings,
-                engine=_engine(engine),
-                ray_address=ray_address,
-                fast_path=fast_path,
-                workers=workers,
+        with round_metrics(console, "127.0.0.1", metrics_port, metrics_linger) as feed:
+            with RoundProgress(console, total=settings.num_rounds) as progress:
+                install_round_handler(both(progress.update, feed))
+                result = run_simulation(
+                    settings,
+                    engine=_engine(engine),
+                    ray_address=ray_address,
+                    fast_path=fast_path,
+                    workers=workers,
+                )
+            print_summary(
+                stdout,
+                result.rounds,
+                result.run_dir.path,
+                target_accuracy=settings.target_accuracy or None,
             )
-        print_summary(
-            stdout,
-            result.rounds,
-            result.run_dir.path,
-            target_accuracy=settings.target_accuracy or None,
-        )
 
 
 @app.command()
@@ -294,6 +298,8 @@ def server(
         int,
         typer.Option(help="Publish the run's models/ over HTTP on this port (0: off)."),
     ] = 0,
+    metrics_port: MetricsPort = 0,
+    metrics_linger: MetricsLinger = 0.0,
     verbose: Verbose = False,
 ) -> None:
     """Start a Flower SuperLink and run fedscale's ServerApp on it."""
@@ -312,9 +318,17 @@ def server(
         )
         if models_port:
             console.print(f"models published at http://{options.connect_host}:{models_port}/")
-        with RoundProgress(console, total=settings.num_rounds) as progress:
-            result = serve_federation(settings, options, on_round=progress.update)
-        print_summary(stdout, result.read_metrics(), result.path)
+        if metrics_port and metrics_port in (port, models_port):
+            from fedscale.exceptions import ConfigError
+
+            raise ConfigError(
+                f"metrics port: expected a port other than the SuperLink's and the models' "
+                f"({port}, {models_port}), got {metrics_port}"
+            )
+        with round_metrics(console, host, metrics_port, metrics_linger) as feed:
+            with RoundProgress(console, total=settings.num_rounds) as progress:
+                result = serve_federation(settings, options, on_round=both(progress.update, feed))
+            print_summary(stdout, result.read_metrics(), result.path)
 
 
 @app.command("edge-client")

@@ -8,6 +8,7 @@ Routes (``{name}`` may be followed by ``/versions/{version}``)::
     GET  /v2/models/{name}            model metadata
     GET  /v2/models/{name}/ready      200 if that model is loaded, else 404
     POST /v2/models/{name}/infer      inference (JSON, or the binary tensor extension)
+    GET  /metrics                     Prometheus metrics (with :class:`ServingMetrics`)
 
 Why no web framework: at one connection the HTTP layer, not a small model, is
 what a request costs (a FastAPI with pydantic answers about 1,200 requests/s on
@@ -26,6 +27,7 @@ import asyncio
 import logging
 import zlib
 from dataclasses import dataclass
+from time import perf_counter
 from urllib.parse import unquote
 
 import httptools
@@ -33,6 +35,7 @@ import orjson
 
 from fedscale import __version__
 
+from .metrics import CONTENT_TYPE, UNKNOWN_MODEL, ServingMetrics
 from .protocol import (
     RequestError,
     error_body,
@@ -98,9 +101,15 @@ _POST = (b"POST",)
 class HttpApp:
     """Answer one parsed HTTP request; knows nothing of sockets."""
 
-    def __init__(self, repository: ModelRepository, limits: Limits):
+    def __init__(
+        self,
+        repository: ModelRepository,
+        limits: Limits,
+        metrics: ServingMetrics | None = None,
+    ):
         self.repository = repository
         self.limits = limits
+        self.metrics = metrics
 
     def handle(
         self,
@@ -143,7 +152,9 @@ class HttpApp:
                 return Response(200, orjson.dumps(model.metadata()))
             if rest == ["infer"]:
                 self._allow(method, _POST, path)
-                return self._infer(name, version, body, header_length, encoding)
+                if self.metrics is None:
+                    return self._infer(name, version, body, header_length, encoding)
+                return self._counted_infer(name, version, body, header_length, encoding)
             if rest == ["ready"]:
                 self._allow(method, _GET, path)
                 resolve_model(self.repository.current, name, version)
@@ -162,6 +173,9 @@ class HttpApp:
                     "not ready: no model loaded yet from "
                     f"{self.repository.directory.path}" + (f" ({reason})" if reason else ""),
                 )
+        elif parts == ["", "metrics"] and self.metrics is not None:
+            self._allow(method, _GET, path)
+            return Response(200, self.metrics.exposition(), CONTENT_TYPE)
         elif parts == ["", "v2"]:
             self._allow(method, _GET, path)
             return Response(
@@ -180,6 +194,30 @@ class HttpApp:
     def _allow(method: bytes, allowed: tuple[bytes, ...], path: str) -> None:
         if method not in allowed:
             raise _MethodNotAllowed(method, allowed, path)
+
+    def _counted_infer(
+        self,
+        name: str,
+        version: str,
+        body: bytes,
+        header_length: bytes | None,
+        encoding: bytes | None,
+    ) -> Response:
+        metrics = self.metrics
+        assert metrics is not None
+        started = perf_counter()
+        code = 500  # an unexpected exception: handle() answers 500
+        try:
+            response = self._infer(name, version, body, header_length, encoding)
+            code = response.status
+            return response
+        except RequestError as err:
+            code = err.status
+            raise
+        finally:
+            current = self.repository.current
+            model = name if current is not None and name == current.name else UNKNOWN_MODEL
+            metrics.request(model, code, perf_counter() - started)
 
     def _infer(
         self,

@@ -30,6 +30,8 @@ import onnxruntime as ort
 from fedscale.exceptions import ConfigError, ModelStoreError
 from fedscale.modelstore import DATATYPES, ORT_DATATYPES, Manifest, ModelDirectory, TensorSpec
 
+from .metrics import ServingMetrics
+
 __all__ = [
     "ONNX_PLATFORM",
     "LoadedModel",
@@ -215,9 +217,15 @@ class ModelRepository:
     called by one watcher thread; requests only read :attr:`current`.
     """
 
-    def __init__(self, directory: str | Path, settings: SessionSettings | None = None):
+    def __init__(
+        self,
+        directory: str | Path,
+        settings: SessionSettings | None = None,
+        metrics: ServingMetrics | None = None,
+    ):
         self.directory = ModelDirectory(directory)
         self.settings = settings or SessionSettings()
+        self.metrics = metrics
         self.current: LoadedModel | None = None
         self.last_error: str | None = None
         self._seen: tuple[int, int, int] | None = None  # stat of the manifest last handled
@@ -249,11 +257,15 @@ class ModelRepository:
             try:
                 loaded = self._load()
             except (ModelStoreError, OSError) as err:
+                if self.metrics is not None:
+                    self.metrics.refused()
                 self._refuse(str(err))
                 return False
             if loaded is None:
                 return False
             previous, self.current = self.current, loaded
+            if self.metrics is not None:
+                self.metrics.loaded(loaded.name, loaded.version)
             self.last_error = None
             if previous is None:
                 log.info(

@@ -25,6 +25,7 @@ from fedscale.exceptions import ConfigError, LaunchError
 from fedscale.processes import join_address
 
 from .http_server import HttpApp, HttpServer, Limits
+from .metrics import ServingMetrics
 from .pull import ModelPuller
 from .repository import ModelRepository, SessionSettings
 
@@ -73,7 +74,8 @@ class ModelServer:
 
     def __init__(self, options: ServeOptions):
         self.options = options
-        self.repository = ModelRepository(options.model_dir, options.session)
+        self.metrics = ServingMetrics()
+        self.repository = ModelRepository(options.model_dir, options.session, self.metrics)
         self.puller = (
             ModelPuller(options.model_url, options.model_dir, base_delay=options.poll_interval)
             if options.model_url
@@ -146,7 +148,7 @@ class ModelServer:
         grpc_server: Any = None
         try:
             self.repository.poll()  # serve at once what is already there
-            http = HttpServer(HttpApp(self.repository, options.limits), loop)
+            http = HttpServer(HttpApp(self.repository, options.limits, self.metrics), loop)
             try:
                 self.http_port = await http.start(options.host, options.http_port)
             except OSError as err:
