@@ -58,7 +58,7 @@ from ._flower import (
 if TYPE_CHECKING:
     from .system import SimulatedSystem
 
-__all__ = ["GridStats", "InProcessGrid"]
+__all__ = ["GridStats", "InProcessGrid", "call_client_app"]
 
 log = logging.getLogger(__name__)
 
@@ -266,22 +266,37 @@ class InProcessGrid(Grid):
         delivered = copy_message_for_delivery(message)
         context = self.node_context(node_id)
         started = time.perf_counter()
-        try:
-            reply = self._client_app(delivered, context)
-            if not isinstance(reply, Message):
-                raise TypeError(f"ClientApp returned {type(reply).__name__}, expected a Message")
-            if reply.metadata.reply_to_message_id != delivered.metadata.message_id:
-                raise ValueError(
-                    "ClientApp reply does not answer the message it received: build it "
-                    "with Message(content, reply_to=message)"
-                )
-        except Exception as ex:  # the app's failure is the reply, never the run's
-            log.error("ClientApp on node %d raised %s: %s", node_id, type(ex).__name__, ex)
-            self.stats.errors += 1
-            reply = error_reply(delivered, CLIENT_APP_RAISED_EXCEPTION, f"{type(ex)}:<'{ex}'>")
-        else:
+        reply, ok = call_client_app(self._client_app, delivered, context)
+        self.stats.client_seconds += time.perf_counter() - started
+        if ok:
             self.commit_context(node_id, context)
-        finally:
-            self.stats.client_seconds += time.perf_counter() - started
+        else:
+            self.stats.errors += 1
         set_message_id(reply, uuid.uuid4().hex)
         return reply
+
+
+def call_client_app(
+    client_app: ClientApp, message: Message, context: Context
+) -> tuple[Message, bool]:
+    """Call ``client_app`` as Flower does; return its reply and whether it succeeded.
+
+    A ClientApp that raises, returns something other than a Message, or answers
+    another message gets an error reply (code 2, as in Flower's simulation)
+    instead: the app's failure is the reply, never the run's. On failure the
+    caller must discard the context's edits.
+    """
+    try:
+        reply = client_app(message, context)
+        if not isinstance(reply, Message):
+            raise TypeError(f"ClientApp returned {type(reply).__name__}, expected a Message")
+        if reply.metadata.reply_to_message_id != message.metadata.message_id:
+            raise ValueError(
+                "ClientApp reply does not answer the message it received: build it "
+                "with Message(content, reply_to=message)"
+            )
+    except Exception as ex:
+        node_id = message.metadata.dst_node_id
+        log.error("ClientApp on node %d raised %s: %s", node_id, type(ex).__name__, ex)
+        return error_reply(message, CLIENT_APP_RAISED_EXCEPTION, f"{type(ex)}:<'{ex}'>"), False
+    return reply, True

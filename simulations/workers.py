@@ -71,7 +71,6 @@ from fedscale.exceptions import ConfigError
 
 from ._flower import (
     CLIENT_APP_CRASHED,
-    CLIENT_APP_RAISED_EXCEPTION,
     copy_record_dict,
     decode_context,
     decode_delivered,
@@ -84,6 +83,7 @@ from ._flower import (
     error_reply,
     set_message_id,
 )
+from .grid import call_client_app
 
 if TYPE_CHECKING:
     from .grid import InProcessGrid
@@ -509,21 +509,7 @@ def _call(
     context.run_config = dict(run_config)
     node_id = message.metadata.dst_node_id
     started = time.perf_counter()
-    ok = True
-    reply: Any
-    try:
-        reply = client_app(message, context)
-        if not isinstance(reply, Message):
-            raise TypeError(f"ClientApp returned {type(reply).__name__}, expected a Message")
-        if reply.metadata.reply_to_message_id != message.metadata.message_id:
-            raise ValueError(
-                "ClientApp reply does not answer the message it received: build it "
-                "with Message(content, reply_to=message)"
-            )
-    except Exception as ex:  # the app's failure is the reply, never the run's
-        log.error("ClientApp on node %d raised %s: %s", node_id, type(ex).__name__, ex)
-        ok = False
-        reply = error_reply(message, CLIENT_APP_RAISED_EXCEPTION, f"{type(ex)}:<'{ex}'>")
+    reply, ok = call_client_app(client_app, message, context)
     seconds = time.perf_counter() - started
     encoded = encode_message(reply)
     # Only the state is kept (the parent knows the node and run config).
