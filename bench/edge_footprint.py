@@ -384,15 +384,13 @@ def measure_rounds(report: Report, work: Path, rounds: int) -> None:
 def _federation(work: Path, warm: bool, rounds: int) -> tuple[list[RoundTimes], list[float]]:
     from fedscale.flower_app import write_app_dir
     from fedscale.runs import RunDirectory
+    from fedscale.server.launcher import CONNECTION_NAME, flwr_home_config, superlink_argv
     from fedscale.settings import RunSettings
 
     home = work / "flwr-home"
     home.mkdir(parents=True)
     port = free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "{HOST}:{port}"\n'
-        "insecure = true\n"
-    )
+    (home / "config.toml").write_text(flwr_home_config(f"{HOST}:{port}"))
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"}
     settings = RunSettings(
         num_rounds=rounds,
@@ -412,13 +410,7 @@ def _federation(work: Path, warm: bool, rounds: int) -> tuple[list[RoundTimes], 
     lines: list[tuple[float, str]] = []
     try:
         superlink = start(
-            [
-                flower_executable("flower-superlink"),
-                "--insecure",
-                "--disable-runtime-dependency-installation",
-                "--port",
-                str(port),
-            ],
+            superlink_argv(port),
             log_file=work / "superlink.log",
             env=env,
             cwd=work,
@@ -451,7 +443,7 @@ def _federation(work: Path, warm: bool, rounds: int) -> tuple[list[RoundTimes], 
         reader = threading.Thread(target=_read_lines, args=(client, lines), daemon=True)
         reader.start()
         submit = start(
-            [flower_executable("flwr"), "run", str(app_dir), "bench", "--stream"],
+            [flower_executable("flwr"), "run", str(app_dir), CONNECTION_NAME, "--stream"],
             log_file=work / "flwr-run.log",
             env=env,
             cwd=work,

@@ -95,6 +95,22 @@ def flwr_home_config(address: str) -> str:
     )
 
 
+def superlink_argv(port: int, *, host: str | None = None) -> list[str]:
+    """Return the ``flower-superlink`` command line fedscale runs: plaintext, no installs.
+
+    Runtime dependency installation stays off: the code comes from the installed
+    fedscale, and installing an app's dependencies per run would pull CUDA torch.
+    """
+    argv = [
+        flower_executable("flower-superlink"),
+        "--insecure",
+        "--disable-runtime-dependency-installation",
+    ]
+    if host is not None:
+        argv += ["--host", host]
+    return [*argv, "--port", str(port)]
+
+
 def serve_federation(
     settings: RunSettings,
     options: ServerOptions,
@@ -132,15 +148,7 @@ def serve_federation(
             ).start()
         superlink_log = logs / "superlink.log"
         superlink = start(
-            [
-                flower_executable("flower-superlink"),
-                "--insecure",
-                "--disable-runtime-dependency-installation",
-                "--host",
-                options.host,
-                "--port",
-                str(options.port),
-            ],
+            superlink_argv(options.port, host=options.host),
             log_file=superlink_log,
             env=env,
             # One process group with this command: stopping it stops them all.

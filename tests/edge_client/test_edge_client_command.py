@@ -22,7 +22,8 @@ from fedscale.edge_client.supernode import (
     supernode_argv,
 )
 from fedscale.exceptions import ConfigError
-from fedscale.processes import flower_executable, free_port, start, stop, wait_for_port
+from fedscale.processes import free_port, start, stop, wait_for_port
+from fedscale.server.launcher import superlink_argv
 
 FEDSCALE = [sys.executable, "-m", "fedscale.cli"]
 
@@ -145,13 +146,7 @@ def superlink(tmp_path):
     port = free_port()
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0"}
     process = start(
-        [
-            flower_executable("flower-superlink"),
-            "--insecure",
-            "--disable-runtime-dependency-installation",
-            "--port",
-            str(port),
-        ],
+        superlink_argv(port),
         log_file=tmp_path / "superlink.log",
         env=env,
         cwd=tmp_path,

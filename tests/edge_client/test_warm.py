@@ -26,6 +26,7 @@ from fedscale.flower_app import write_app_dir
 from fedscale.modelstore import Manifest, ModelDirectory
 from fedscale.processes import flower_executable, free_port, start, stop, wait_for_port
 from fedscale.runs import RunDirectory
+from fedscale.server.launcher import CONNECTION_NAME, flwr_home_config, superlink_argv
 from fedscale.settings import RunSettings
 
 FEDSCALE = [sys.executable, "-m", "fedscale.cli"]
@@ -51,10 +52,7 @@ def _federation(
     home = tmp_path / "flwr-home"
     home.mkdir(parents=True)
     port = free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
-        "insecure = true\n"
-    )
+    (home / "config.toml").write_text(flwr_home_config(f"127.0.0.1:{port}"))
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"}
     run = tmp_path / "run"
     settings = RunSettings(
@@ -69,13 +67,7 @@ def _federation(
     )
     app_dir = write_app_dir(tmp_path / "app", settings.to_run_config())
     superlink = start(
-        [
-            flower_executable("flower-superlink"),
-            "--insecure",
-            "--disable-runtime-dependency-installation",
-            "--port",
-            str(port),
-        ],
+        superlink_argv(port),
         log_file=tmp_path / "superlink.log",
         env=env,
         cwd=tmp_path,
@@ -100,7 +92,7 @@ def _federation(
                 start([*argv, "--warm" if warm else "--no-warm"], log_file=log, env=env)
             )
         submit = start(
-            [flower_executable("flwr"), "run", str(app_dir), "test", "--stream"],
+            [flower_executable("flwr"), "run", str(app_dir), CONNECTION_NAME, "--stream"],
             log_file=tmp_path / "flwr-run.log",
             env=env,
             cwd=tmp_path,

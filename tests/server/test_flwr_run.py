@@ -11,6 +11,7 @@ import pytest
 
 from fedscale.processes import flower_executable, free_port, start, stop, wait_for_port
 from fedscale.runs import RunDirectory
+from fedscale.server.launcher import CONNECTION_NAME, flwr_home_config, superlink_argv
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -21,19 +22,10 @@ def test_flwr_run_of_the_repository_trains_on_supernodes(tmp_path):
     home = tmp_path / "flwr-home"
     home.mkdir()
     port = free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
-        "insecure = true\n"
-    )
+    (home / "config.toml").write_text(flwr_home_config(f"127.0.0.1:{port}"))
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"}
     superlink = start(
-        [
-            flower_executable("flower-superlink"),
-            "--insecure",
-            "--disable-runtime-dependency-installation",
-            "--port",
-            str(port),
-        ],
+        superlink_argv(port),
         log_file=tmp_path / "superlink.log",
         env=env,
         cwd=tmp_path,
@@ -65,7 +57,7 @@ def test_flwr_run_of_the_repository_trains_on_supernodes(tmp_path):
                 flower_executable("flwr"),
                 "run",
                 str(REPO),
-                "test",
+                CONNECTION_NAME,
                 "--stream",
                 "--run-config",
                 f"num-rounds=2 clients-per-round=2 round-timeout=120.0 out='{run}'",
