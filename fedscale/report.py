@@ -122,27 +122,8 @@ class Report:
 def read_metrics(run: RunDirectory) -> list[dict[str, Any]]:
     """Return ``metrics.jsonl``'s lines, checked: a bad line is an error naming it."""
     path = run.metrics_path
-    if not path.is_file():
-        raise DataError(
-            f"run folder {run.path}: expected metrics.jsonl (one JSON line per round), found none"
-        )
     rows: list[dict[str, Any]] = []
-    text = path.read_text(encoding="utf-8", errors="replace")
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            shown = line if len(line) <= 80 else line[:77] + "..."
-            raise DataError(
-                f"{path} line {number}: expected one JSON object per line, got {shown!r} "
-                f"({err.msg}); was the run stopped while writing it?"
-            ) from None
-        if not isinstance(row, dict):
-            raise DataError(
-                f"{path} line {number}: expected a JSON object, got {type(row).__name__}"
-            )
+    for number, row in run.numbered_metrics():
         for key, kind in _REQUIRED.items():
             value = row.get(key, ...)
             ok = (value is None and key in _NULLABLE) or (

@@ -135,10 +135,38 @@ class RunDirectory:
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Return every line of ``metrics.jsonl`` as a dict."""
-        if not self.metrics_path.exists():
-            raise DataError(f"run folder {self.path}: expected metrics.jsonl, found none")
-        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        return [row for _, row in self.numbered_metrics()]
+
+    def numbered_metrics(self) -> list[tuple[int, dict[str, Any]]]:
+        """Return ``(line number, object)`` for every line of ``metrics.jsonl``.
+
+        A line that is not a JSON object is an error naming the file and line.
+        """
+        path = self.metrics_path
+        if not path.is_file():
+            raise DataError(
+                f"run folder {self.path}: expected metrics.jsonl (one JSON line per round), "
+                "found none"
+            )
+        rows = []
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                shown = line if len(line) <= 80 else line[:77] + "..."
+                raise DataError(
+                    f"{path} line {number}: expected one JSON object per line, got {shown!r} "
+                    f"({err.msg}); was the run stopped while writing it?"
+                ) from None
+            if not isinstance(row, dict):
+                raise DataError(
+                    f"{path} line {number}: expected a JSON object, got {type(row).__name__}"
+                )
+            rows.append((number, row))
+        return rows
 
     def checkpoint_path(self, server_round: int) -> Path:
         """Where the global model after ``server_round`` is stored."""

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from fedscale.exceptions import ConfigError
+from fedscale.exceptions import ConfigError, DataError
 from fedscale.runs import METRICS_SCHEMA_VERSION, RoundRecord, RunDirectory
 
 
@@ -103,3 +103,12 @@ def test_checkpoints_keep_zero_dimensional_arrays(tmp_path):
     loaded = run.load_global_model(1)
     assert loaded["counter"].shape == () and int(loaded["counter"]) == 7
     np.testing.assert_array_equal(loaded["w"], arrays["w"])
+
+
+def test_a_torn_metrics_line_is_an_error_naming_the_line(tmp_path):
+    run = RunDirectory(tmp_path / "run").create()
+    run.append_metrics(RoundRecord(0, 2.3, 0.1, None, 0, 0, 0, 0.0, 0.0))
+    with open(run.metrics_path, "a", encoding="utf-8") as handle:
+        handle.write('{"schema": 1, "round": 1, "loss"')
+    with pytest.raises(DataError, match=r"metrics\.jsonl line 2: expected one JSON object"):
+        run.read_metrics()
