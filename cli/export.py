@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from .output import JsonOutput, Quiet
+
 if TYPE_CHECKING:
     import numpy.typing as npt
     import torch
@@ -45,13 +47,15 @@ def export(
             help="int8: dynamic int8 quantization of MatMul/Gemm; reports accuracy drift."
         ),
     ] = None,
+    quiet: Quiet = False,
+    json_output: JsonOutput = False,
 ) -> None:
     """Export a run's global model to ONNX, checked against torch before it is written."""
-    from .main import _errors, stdout
+    from .main import _errors, _output, stdout
 
-    with _errors():
+    with _output(quiet, json_output) as output, _errors():
         result = _export(run_dir, round_, out, quantize)
-        _report(stdout, *result)
+        output.result(_as_json(*result), lambda: _report(stdout, *result))
 
 
 def _export(
@@ -132,6 +136,33 @@ def _as_tensors(arrays: Mapping[str, npt.NDArray[Any]]) -> dict[str, torch.Tenso
     import torch
 
     return {key: torch.from_numpy(value.copy()) for key, value in arrays.items()}
+
+
+def _as_json(path: Path, exported: OnnxExport, server_round: int) -> dict[str, Any]:
+    drift = exported.drift
+    return {
+        "event": "export",
+        "round": server_round,
+        "path": str(path),
+        "sha256": exported.sha256,
+        "bytes": len(exported.model),
+        "opset": exported.opset,
+        "inputs": [t.to_json() for t in exported.inputs],
+        "outputs": [t.to_json() for t in exported.outputs],
+        "parity": [
+            {"batch_size": p.batch_size, "max_abs_error": p.max_abs_error} for p in exported.parity
+        ],
+        "quantization": exported.quantization,
+        "drift": None
+        if drift is None
+        else {
+            "num_examples": drift.num_examples,
+            "fp32_accuracy": drift.fp32_accuracy,
+            "int8_accuracy": drift.int8_accuracy,
+            "accuracy_change": drift.accuracy_change,
+            "agreement": drift.agreement,
+        },
+    }
 
 
 def _report(console: Console, path: Path, exported: OnnxExport, server_round: int) -> None:

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -24,7 +24,18 @@ from fedscale.exceptions import FedscaleError
 from fedscale.settings import RunSettings
 
 from .metrics import MetricsLinger, MetricsPort, both, round_metrics
-from .progress import RoundProgress, install_round_handler, print_summary
+from .output import (
+    JsonOutput,
+    Output,
+    Quiet,
+    ensure_port_free,
+    missing_training_module,
+    output_mode,
+    print_error,
+    print_interrupted,
+    print_report,
+)
+from .progress import install_round_handler
 
 __all__ = ["app", "run"]
 
@@ -69,6 +80,19 @@ FractionEvaluate = Annotated[
     float, typer.Option(help="Fraction of clients that also evaluate each round.")
 ]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's own logs.")]
+MinReplies = Annotated[
+    int,
+    typer.Option(
+        min=1, help="Usable replies a round needs to update the global model (else it keeps it)."
+    ),
+]
+Resume = Annotated[
+    bool,
+    typer.Option(
+        help="Continue the run in --out from its last completed round; options given "
+        "must match its config.toml, except --rounds, which may grow."
+    ),
+]
 StrategyOpt = Annotated[
     str,
     typer.Option(
@@ -96,6 +120,35 @@ MaxExamples = Annotated[
 ]
 MaxUpdateBytes = Annotated[
     int, typer.Option(help="Reject updates larger than this (0: twice the model plus 1 MiB).")
+]
+# Differential privacy (fedscale.privacy, docs/privacy.md).
+DpOpt = Annotated[
+    str,
+    typer.Option(
+        "--dp",
+        help="Differential privacy: server-fixed, server-adaptive, client-fixed, "
+        "client-adaptive (central, clipped where named) or local; '' for none.",
+    ),
+]
+DpNoise = Annotated[
+    float,
+    typer.Option(help="With --dp: Gaussian noise's std over the clipping norm's sensitivity."),
+]
+DpClip = Annotated[
+    float,
+    typer.Option(help="With --dp: L2 clipping norm of an update (the initial one if adaptive)."),
+]
+DpDelta = Annotated[
+    float,
+    typer.Option(help="With --dp: delta epsilon is reported for (0: min(1e-5, clients^-1.1))."),
+]
+DpQuantile = Annotated[
+    float, typer.Option(help="Adaptive --dp: fraction of updates the norm should clip.")
+]
+DpClipLr = Annotated[float, typer.Option(help="Adaptive --dp: learning rate of the norm.")]
+DpCountStd = Annotated[
+    float,
+    typer.Option(help="Adaptive --dp: noise on the clipped count (0: max(per-round/20, noise))."),
 ]
 
 
@@ -151,6 +204,7 @@ def simulate(
     export_onnx: ExportOnnx = _D.export_onnx,
     max_examples: MaxExamples = _D.max_examples,
     max_update_bytes: MaxUpdateBytes = _D.max_update_bytes,
+    min_replies: MinReplies = _D.min_replies,
     device_mix: Annotated[
         str,
         typer.Option(
@@ -184,6 +238,13 @@ def simulate(
     attack_fraction: Annotated[
         float, typer.Option(help="With --attack: the fraction of clients that are Byzantine.")
     ] = _D.attack_fraction,
+    dp: DpOpt = _D.dp,
+    dp_noise_multiplier: DpNoise = _D.dp_noise_multiplier,
+    dp_clipping_norm: DpClip = _D.dp_clipping_norm,
+    dp_delta: DpDelta = _D.dp_delta,
+    dp_target_quantile: DpQuantile = _D.dp_target_quantile,
+    dp_clip_lr: DpClipLr = _D.dp_clip_lr,
+    dp_clipped_count_stddev: DpCountStd = _D.dp_clipped_count_stddev,
     fast_path: Annotated[
         bool,
         typer.Option(
@@ -200,6 +261,7 @@ def simulate(
         ),
     ] = 1,
     out: OutOpt = None,
+    resume: Resume = False,
     metrics_port: MetricsPort = 0,
     metrics_linger: MetricsLinger = 0.0,
     server_app: Annotated[
@@ -215,6 +277,8 @@ def simulate(
         typer.Option(help="Run config for third-party apps: 'key=value key2=value2'."),
     ] = None,
     verbose: Verbose = False,
+    quiet: Quiet = False,
+    json_output: JsonOutput = False,
 ) -> None:
     """Simulate a federation on this machine (in-process by default, or on Ray).
 
@@ -223,7 +287,7 @@ def simulate(
     command line win over it.
     """
     _setup_logging(verbose)
-    with _errors():
+    with _output(quiet, json_output) as output, _errors():
         if server_app or client_app or run_config:
             if scenario:
                 from fedscale.exceptions import ConfigError
@@ -237,14 +301,22 @@ def simulate(
         from fedscale.simulations import simulate as run_simulation
 
         options = locals()
-        if scenario:
+        if resume:
+            if scenario:
+                from fedscale.exceptions import ConfigError
+
+                raise ConfigError(
+                    f"resume: the run folder's config.toml is the scenario, got {scenario!r} too"
+                )
+            settings = _resume_settings(ctx, out, options)
+        elif scenario:
             settings = _scenario_settings(ctx, scenario, options)
         else:
             settings = _settings_from_options(options)
         if out:
             settings = settings.replace(out=str(out.absolute()))
         with round_metrics(console, "127.0.0.1", metrics_port, metrics_linger) as feed:
-            with RoundProgress(console, total=settings.num_rounds) as progress:
+            with output.progress(console, total=settings.num_rounds) as progress:
                 install_round_handler(both(progress.update, feed))
                 result = run_simulation(
                     settings,
@@ -253,8 +325,7 @@ def simulate(
                     fast_path=fast_path,
                     workers=workers,
                 )
-            print_summary(
-                stdout,
+            output.summary(
                 result.rounds,
                 result.run_dir.path,
                 target_accuracy=settings.target_accuracy or None,
@@ -263,6 +334,7 @@ def simulate(
 
 @app.command()
 def server(
+    ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Address the SuperLink listens on.")] = "127.0.0.1",
     port: Annotated[
         int, typer.Option(help="Port of the SuperLink (SuperNodes connect here).")
@@ -270,6 +342,20 @@ def server(
     insecure: Annotated[
         bool, typer.Option(help="Allow plaintext on a non-loopback address.")
     ] = False,
+    certificates: Annotated[
+        Path | None,
+        typer.Option(
+            help="Serve over TLS with this folder's ca.crt, server.pem and server.key "
+            "(fedscale certs DIR).",
+        ),
+    ] = None,
+    auth_keys: Annotated[
+        Path | None,
+        typer.Option(
+            help="Admit only SuperNodes whose public key is here (a .pub file or a folder "
+            "of them); needs --certificates.",
+        ),
+    ] = None,
     min_clients: Annotated[
         int, typer.Option(help="SuperNodes to wait for before round 1.")
     ] = _D.min_clients,
@@ -288,12 +374,21 @@ def server(
     export_onnx: ExportOnnx = _D.export_onnx,
     max_examples: MaxExamples = _D.max_examples,
     max_update_bytes: MaxUpdateBytes = _D.max_update_bytes,
+    min_replies: MinReplies = _D.min_replies,
     strategy: StrategyOpt = _D.strategy,
     strategy_args: StrategyArgs = None,
+    dp: DpOpt = _D.dp,
+    dp_noise_multiplier: DpNoise = _D.dp_noise_multiplier,
+    dp_clipping_norm: DpClip = _D.dp_clipping_norm,
+    dp_delta: DpDelta = _D.dp_delta,
+    dp_target_quantile: DpQuantile = _D.dp_target_quantile,
+    dp_clip_lr: DpClipLr = _D.dp_clip_lr,
+    dp_clipped_count_stddev: DpCountStd = _D.dp_clipped_count_stddev,
     round_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for replies (and for SuperNodes).")
     ] = _D.round_timeout,
     out: OutOpt = None,
+    resume: Resume = False,
     models_port: Annotated[
         int,
         typer.Option(help="Publish the run's models/ over HTTP on this port (0: off)."),
@@ -301,20 +396,36 @@ def server(
     metrics_port: MetricsPort = 0,
     metrics_linger: MetricsLinger = 0.0,
     verbose: Verbose = False,
+    quiet: Quiet = False,
+    json_output: JsonOutput = False,
 ) -> None:
     """Start a Flower SuperLink and run fedscale's ServerApp on it."""
     _setup_logging(verbose)
-    with _sigterm_unwinds(), _errors():
+    with _sigterm_unwinds(), _output(quiet, json_output) as output, _errors():
         from fedscale.server.app import default_run_dir
         from fedscale.server.launcher import ServerOptions, serve_federation
 
-        options = ServerOptions(host=host, port=port, insecure=insecure, models_port=models_port)
-        settings = _settings_from_options(locals())
+        options = ServerOptions(
+            host=host,
+            port=port,
+            insecure=insecure,
+            models_port=models_port,
+            certificates=str(certificates) if certificates else None,
+            auth_keys=str(auth_keys) if auth_keys else None,
+        )
+        ensure_port_free(options.connect_host, port, "--port")
+        if resume:
+            settings = _resume_settings(ctx, out, locals())
+        else:
+            settings = _settings_from_options(locals())
         run_dir = out.absolute() if out else default_run_dir(settings)
         settings = settings.replace(out=str(run_dir))
         console.print(
-            f"SuperLink on {host}:{port}; waiting for {min_clients} SuperNodes "
-            f"(fedscale edge-client --server {options.connect_host}:{port} ...)"
+            f"SuperLink on {host}:{port}; waiting for {settings.min_clients} SuperNodes "
+            f"(fedscale edge-client --server {options.connect_host}:{port}"
+            + (f" --root-certificates {options.tls.ca_cert}" if options.tls else "")
+            + (" --auth-key NODE.key" if auth_keys else "")
+            + " ...)"
         )
         if models_port:
             console.print(f"models published at http://{options.connect_host}:{models_port}/")
@@ -326,9 +437,9 @@ def server(
                 f"({port}, {models_port}), got {metrics_port}"
             )
         with round_metrics(console, host, metrics_port, metrics_linger) as feed:
-            with RoundProgress(console, total=settings.num_rounds) as progress:
+            with output.progress(console, total=settings.num_rounds) as progress:
                 result = serve_federation(settings, options, on_round=both(progress.update, feed))
-            print_summary(stdout, result.read_metrics(), result.path)
+            output.summary(result.read_metrics(), result.path)
 
 
 @app.command("edge-client")
@@ -355,6 +466,17 @@ def edge_client(
     insecure: Annotated[
         bool, typer.Option(help="Allow plaintext to a non-loopback server.")
     ] = False,
+    root_certificates: Annotated[
+        Path | None,
+        typer.Option(help="Connect over TLS, trusting this CA certificate (the server's ca.crt)."),
+    ] = None,
+    auth_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="This SuperNode's private key, for a server with --auth-keys "
+            "(fedscale certs DIR --node NAME); needs --root-certificates.",
+        ),
+    ] = None,
     max_wait_time: Annotated[
         float | None,
         typer.Option(help="Give up if the server is unreachable this long (s)."),
@@ -392,6 +514,8 @@ def edge_client(
                 device=device,
                 port=port,
                 insecure=insecure,
+                root_certificates=str(root_certificates) if root_certificates else None,
+                auth_key=str(auth_key) if auth_key else None,
                 max_wait_time=max_wait_time,
                 model_dir=model_dir,
                 serve_port=serve_port,
@@ -511,24 +635,45 @@ def _settings_from_options(options: dict[str, Any]) -> RunSettings:
 
 
 def _scenario_settings(ctx: typer.Context, scenario: str, options: dict[str, Any]) -> RunSettings:
-    """Return a scenario file's settings with the options given on the command line applied.
+    """Return a scenario file's settings with the options given on the command line applied."""
+    from fedscale.simulations.scenarios import load_scenario
+
+    return load_scenario(scenario, **_given_overrides(ctx, options))
+
+
+def _resume_settings(ctx: typer.Context, out: Path | None, options: dict[str, Any]) -> RunSettings:
+    """Return the settings of the run in ``out`` to resume, with the options given applied.
+
+    The run's own ``config.toml`` is the base, so a resume needs no options at
+    all; one given anyway must agree with it (only ``--rounds`` may change:
+    the ServerApp refuses any other difference, naming it).
+    """
+    from fedscale.exceptions import ConfigError
+    from fedscale.runs import RunDirectory
+
+    if out is None:
+        raise ConfigError("resume: expected --out naming the run folder to continue, got none")
+    stored = RunDirectory(out.absolute()).read_config()
+    base = RunSettings.from_run_config(stored)
+    return base.replace(**_given_overrides(ctx, options), resume=True, out=str(out.absolute()))
+
+
+def _given_overrides(ctx: typer.Context, options: dict[str, Any]) -> dict[str, Any]:
+    """Return the run settings among ``options`` that were given on the command line.
 
     An option counts as given when click saw it on the command line (or in an
     environment variable), not when it merely holds its default.
     """
     from click.core import ParameterSource
 
-    from fedscale.simulations.scenarios import load_scenario
-
     implicit = (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
     given = {name for name in ctx.params if ctx.get_parameter_source(name) not in implicit}
-    names = {f.name for f in dataclasses.fields(RunSettings)} - {"out"}
-    overrides = {
+    names = {f.name for f in dataclasses.fields(RunSettings)} - {"out", "resume"}
+    return {
         _OPTION_TO_FIELD.get(k, k): _option_value(k, v)
         for k, v in options.items()
         if k in given and _OPTION_TO_FIELD.get(k, k) in names
     }
-    return load_scenario(scenario, **overrides)
 
 
 def _option_value(name: str, value: Any) -> Any:
@@ -575,28 +720,44 @@ def _sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _output(quiet: bool, json_output: bool) -> AbstractContextManager[Output]:
+    """Enter the output mode ``--quiet``/``--json`` ask for, on this module's consoles."""
+    return output_mode(quiet, json_output, consoles=(console, stdout), stdout=stdout)
+
+
 @contextmanager
 def _errors() -> Iterator[None]:
-    """Turn fedscale errors into one red line and exit code 2."""
+    """Turn fedscale errors into a red line with a hint (JSON with --json) and exit code 2."""
     try:
         yield
     except FedscaleError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        print_error(console, exc)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
+        print_interrupted(console)
         raise typer.Exit(130) from None
 
 
-from . import export  # noqa: E402 - registers after the app's own commands
+from . import certs as certs_command  # noqa: E402 - registers after the app's own commands
+from . import export  # noqa: E402
 from . import report as report_command  # noqa: E402
 from . import serve as serve_command  # noqa: E402
 
 export.register(app)
 serve_command.register(app)
 report_command.register(app)
+certs_command.register(app)
 
 
 def run() -> None:
     """Console-script entry point."""
-    app()
+    try:
+        app()
+    except ModuleNotFoundError as exc:
+        # A serve-only install running a training command: say what to install. The
+        # import may fail before the command enters its output mode, hence the argv.
+        report = missing_training_module(exc)
+        if report is None:
+            raise
+        print_report(console, report, json_output="--json" in sys.argv[1:])
+        raise SystemExit(2) from None

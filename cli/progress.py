@@ -23,7 +23,14 @@ from rich.progress import (
 )
 from rich.table import Table
 
-__all__ = ["RoundProgress", "install_round_handler", "print_summary", "sim_duration"]
+__all__ = [
+    "RoundProgress",
+    "install_round_handler",
+    "print_summary",
+    "remove_round_handlers",
+    "run_summary",
+    "sim_duration",
+]
 
 
 class RoundProgress:
@@ -52,7 +59,7 @@ class RoundProgress:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _remove_round_handlers()
+        remove_round_handlers()
         self._progress.__exit__(exc_type, exc, tb)
 
     def update(self, row: dict[str, Any]) -> None:
@@ -83,13 +90,14 @@ def install_round_handler(callback: Callable[[dict[str, Any]], None]) -> None:
     """Call ``callback`` with each round's row as the server in this process logs it."""
     from fedscale.server import federation
 
-    _remove_round_handlers()
+    remove_round_handlers()
     logger = logging.getLogger(federation.__name__)
     logger.addHandler(_RoundHandler(callback, federation.ROUND_EXTRA_KEY))
     logger.setLevel(logging.INFO)
 
 
-def _remove_round_handlers() -> None:
+def remove_round_handlers() -> None:
+    """Stop calling back with rounds: the run that wanted them has ended."""
     logger = logging.getLogger("fedscale.server.federation")
     for handler in [h for h in logger.handlers if isinstance(h, _RoundHandler)]:
         logger.removeHandler(handler)
@@ -123,9 +131,65 @@ def print_summary(
         table.add_row("wall time", f"{final['elapsed']:.1f} s")
         for label, value in _simulated_rows(rows, target_accuracy):
             table.add_row(label, value)
+    if isinstance(final.get("dp_epsilon"), int | float):
+        table.add_row(
+            "privacy spent", f"epsilon {final['dp_epsilon']:.4g} at delta {final['dp_delta']:.3g}"
+        )
     table.add_row("run folder", str(run_dir))
     console.print(table)
     console.print(f"final test accuracy: {_num(final.get('accuracy'))}")
+
+
+def run_summary(
+    rows: list[dict[str, Any]],
+    run_dir: Path,
+    *,
+    target_accuracy: float | None = None,
+) -> dict[str, Any]:
+    """Return the run's outcome as the one JSON object ``--json`` ends with.
+
+    The same numbers as :func:`print_summary`'s table, unrounded; ``time_to_accuracy``
+    is set when a target was given or the rows carry a virtual clock (then the goal
+    is the best accuracy), and its ``round`` is null when the goal was not reached.
+    """
+    final = rows[-1]
+    best = max(rows, key=lambda r: r.get("accuracy") or 0.0)
+    trained = [r for r in rows if r["round"] > 0]
+    timed = [r for r in rows if isinstance(r.get("sim_elapsed"), int | float)]
+    dropped = [r.get("clients_dropped") or 0 for r in trained]
+    summary: dict[str, Any] = {
+        "event": "summary",
+        "run_dir": str(run_dir),
+        "rounds": final["round"],
+        "initial_accuracy": rows[0].get("accuracy"),
+        "final_accuracy": final.get("accuracy"),
+        "final_loss": final.get("loss"),
+        "best_accuracy": best.get("accuracy"),
+        "best_round": best["round"],
+        "clients_replied_per_round": (
+            sum(r["clients_replied"] for r in trained) / len(trained) if trained else None
+        ),
+        "wall_time": final.get("elapsed"),
+        "sim_elapsed": timed[-1]["sim_elapsed"] if timed else None,
+        "clients_dropped_per_round": (sum(dropped) / len(dropped) if timed and dropped else None),
+        "target_accuracy": target_accuracy,
+        "time_to_accuracy": None,
+        "dp_epsilon": final.get("dp_epsilon"),
+        "dp_delta": final.get("dp_delta"),
+    }
+    scored = [r for r in (timed or rows) if isinstance(r.get("accuracy"), int | float)]
+    if (target_accuracy is not None or timed) and scored:
+        goal = (
+            target_accuracy if target_accuracy is not None else max(r["accuracy"] for r in scored)
+        )
+        first = next((r for r in scored if r["accuracy"] >= goal), None)
+        summary["time_to_accuracy"] = {
+            "accuracy": goal,
+            "round": first["round"] if first else None,
+            "wall_time": first["elapsed"] if first else None,
+            "sim_time": first.get("sim_elapsed") if first and timed else None,
+        }
+    return summary
 
 
 def _simulated_rows(rows: list[dict[str, Any]], target: float | None) -> list[tuple[str, str]]:

@@ -16,6 +16,10 @@ A round's config with ``proximal-mu`` (Flower's FedProx sends it) adds FedProx's
 proximal term to local training. A run with an ``attack`` makes its Byzantine
 clients (a fixed set, see :mod:`fedscale.attacks`) reply with a malicious update
 instead of the honest one, after training, on every runtime alike.
+
+A run with client-side differential privacy (``dp`` client-fixed, client-adaptive
+or local) clips (and with local DP, noises) every train reply in Flower's mods
+before it leaves the node (:func:`fedscale.privacy.privacy_mod`).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from fedscale.attacks import Attack, apply_attack, is_byzantine
 from fedscale.exceptions import ConfigError, DataError, FedscaleError, RecordError
 from fedscale.models import build_model
 from fedscale.node_data import NodeData, node_data, node_device_name
+from fedscale.privacy import privacy_mod
 from fedscale.records import arrays_to_state_dict, load_arrays_into, state_dict_to_arrays
 from fedscale.settings import RunSettings
 from fedscale.training import evaluate, resolve_device, shuffle_seed, train
@@ -60,7 +65,9 @@ PROXIMAL_MU_KEY = "proximal-mu"
 app = ClientApp()
 
 
-@app.train()
+# The run's client-side differential privacy (dp client-fixed, client-adaptive,
+# local), if any: Flower's mods, switched per run by the run config.
+@app.train(mods=[privacy_mod])
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the received global model for the configured local epochs."""
     settings, config, data, device, model = _prepare(msg, context)

@@ -7,6 +7,12 @@ process of its own for every message. What the node trains on is its
 the device's own data (``--data-path``), the device to train on, and the model
 directory the ClientApp writes each received global model to (``--model-dir``).
 
+The SuperNode talks to the SuperLink over TLS with ``--root-certificates`` (the
+server's CA certificate), and proves who it is with ``--auth-key`` (its private
+key, whose public half the server registered); plaintext is for a loopback
+server only, unless ``--insecure`` says otherwise. The Runtime API between the
+SuperNode and its ClientApp processes stays on 127.0.0.1.
+
 One command runs up to three processes, each a child of ``fedscale edge-client``
 and stopped with it (:func:`run_edge_client`):
 
@@ -21,6 +27,7 @@ and stopped with it (:func:`run_edge_client`):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -31,6 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedscale.certs import check_node_private_key, check_root_certificate
 from fedscale.exceptions import ConfigError, LaunchError
 from fedscale.processes import (
     flower_executable,
@@ -54,10 +62,15 @@ __all__ = [
     "warm_argv",
 ]
 
+log = logging.getLogger(__name__)
+
 # node_config key of the device's model directory (fedscale.edge_client.app reads it).
 MODEL_DIR = "model-dir"
 # The SuperNode's Runtime API listens here (flower-supernode --host's default).
 RUNTIME_HOST = "127.0.0.1"
+SUPERNODE = "flower-supernode"
+# Longest wait before a SuperNode the server dropped joins again (doubling from 1 s).
+REJOIN_MAX_DELAY = 30.0
 
 
 @dataclass(frozen=True)
@@ -81,14 +94,33 @@ class EdgeClientOptions:
     serve_port: int | None = None
     serve_grpc_port: int = 0
     serve_host: str = "127.0.0.1"
+    root_certificates: str | None = None
+    """The server's CA certificate: connect over TLS and trust that CA."""
+    auth_key: str | None = None
+    """This SuperNode's private key (OpenSSH ECDSA), for a server with node authentication."""
 
     def __post_init__(self) -> None:
         host, _ = split_address(self.server)
-        if not is_loopback(host) and not self.insecure:
+        if self.root_certificates is not None and self.insecure:
+            raise ConfigError(
+                "--insecure: expected either --root-certificates CA (TLS) or --insecure "
+                "(plaintext), got both"
+            )
+        if self.root_certificates is None and not is_loopback(host) and not self.insecure:
             raise ConfigError(
                 f"server: expected a loopback address for a plaintext connection, got "
-                f"{self.server!r}; pass --insecure to connect without TLS"
+                f"{self.server!r}; pass --insecure to connect without TLS, or "
+                "--root-certificates CA to connect over TLS"
             )
+        if self.root_certificates is not None:
+            check_root_certificate(self.root_certificates)
+        if self.auth_key is not None:
+            if self.root_certificates is None:
+                raise ConfigError(
+                    "--auth-key: expected --root-certificates CA too (Flower authenticates "
+                    "SuperNodes over TLS only), got --auth-key alone"
+                )
+            check_node_private_key(self.auth_key)
         has_partition = self.partition_id is not None or self.num_partitions is not None
         if has_partition == (self.data_path is not None):
             raise ConfigError(
@@ -178,14 +210,14 @@ def node_config_arg(config: Mapping[str, str | int | float]) -> str:
 
 def supernode_argv(options: EdgeClientOptions) -> list[str]:
     """Return the ``flower-supernode`` command line for ``options``."""
-    argv = [
-        flower_executable("flower-supernode"),
-        "--insecure",
-        "--superlink",
-        options.server,
-        "--port",
-        str(options.clientappio_port),
-    ]
+    argv = [flower_executable("flower-supernode")]
+    if options.root_certificates is None:
+        argv.append("--insecure")
+    else:
+        argv += ["--root-certificates", str(Path(options.root_certificates).absolute())]
+    if options.auth_key is not None:
+        argv += ["--auth-supernode-private-key", str(Path(options.auth_key).absolute())]
+    argv += ["--superlink", options.server, "--port", str(options.clientappio_port)]
     if options.warm:
         # The SuperNode then starts no SuperExec; fedscale's warm one polls it.
         argv += ["--isolation", "process"]
@@ -238,7 +270,7 @@ class Child:
 
 def edge_client_children(options: EdgeClientOptions, parent_pid: int) -> list[Child]:
     """Return the processes to run for ``options``, in start order."""
-    children = [Child("flower-supernode", supernode_argv(options))]
+    children = [Child(SUPERNODE, supernode_argv(options))]
     if options.warm:
         children.append(Child("warm SuperExec", warm_argv(options, parent_pid)))
     if options.serve_port is not None:
@@ -258,7 +290,9 @@ def run_edge_client(
     them all) and is stopped by its PID with what it started, when this
     function leaves: on Ctrl-C, on SIGTERM (when the caller turns it into an
     exception), or when one child exits, which raises :class:`LaunchError`
-    naming it. Never returns normally.
+    naming it. Never returns normally. The one exception: a SuperNode that
+    exits 0 was dropped by the server (a restarted SuperLink forgets its
+    nodes), and is started again to rejoin, with back-off.
     """
     if options.model_dir is not None:
         Path(options.model_dir).mkdir(parents=True, exist_ok=True)
@@ -269,15 +303,37 @@ def run_edge_client(
             running.append((child, process))
             if on_started is not None:
                 on_started(child, process.pid)
+        rejoins = 0
         while True:
-            for child, process in running:
+            for i, (child, process) in enumerate(running):
                 code = process.poll()
-                if code is not None:
-                    others = [c.name for c, _ in running if c is not child]
-                    raise LaunchError(
-                        f"{child.name} (pid {process.pid}) exited with code {code}"
-                        + (f"; stopping {', '.join(others)}" if others else "")
+                if code is None:
+                    continue
+                if child.name == SUPERNODE and code == 0:
+                    # flower-supernode exits 0 when the SuperLink no longer knows
+                    # this node (it restarted, e.g. a server resumed after a crash,
+                    # or it removed the node): join again, as a new node, with
+                    # back-off. Any other exit is a failure to report.
+                    delay = min(REJOIN_MAX_DELAY, 2.0**rejoins)
+                    log.warning(
+                        "%s (pid %d) left the federation (the server restarted or dropped "
+                        "this node); joining again in %.0f s",
+                        child.name,
+                        process.pid,
+                        delay,
                     )
+                    time.sleep(delay)
+                    replacement = start(child.argv, new_session=False)
+                    running[i] = (child, replacement)
+                    rejoins += 1
+                    if on_started is not None:
+                        on_started(child, replacement.pid)
+                    continue
+                others = [c.name for c, _ in running if c is not child]
+                raise LaunchError(
+                    f"{child.name} (pid {process.pid}) exited with code {code}"
+                    + (f"; stopping {', '.join(others)}" if others else "")
+                )
             time.sleep(poll_interval)
     finally:
         _stop_all([process for _, process in running])

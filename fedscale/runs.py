@@ -5,6 +5,8 @@
     config.toml                   the run settings, as run
     metrics.jsonl                 one JSON object per round (schema below)
     checkpoints/round-0003.safetensors   the global model after round 3
+    checkpoints/state-0003.safetensors   the rest of a resumable checkpoint (the last two)
+    checkpoints/latest.json       the last committed round (see fedscale.checkpoint)
     models/                       the newest global models as ONNX, with manifest.json
                                   (fedscale.modelstore; written unless export-onnx is false)
 
@@ -19,7 +21,13 @@ evaluation, weighted by examples; null unless ``fraction-evaluate`` > 0),
 its end, in simulated seconds), ``clients_dropped`` and ``dropped`` (clients offered
 work whose update the round did not use, in all and by reason; these four are null
 without a device model), ``clients_rejected`` (replies refused before aggregation by
-:mod:`fedscale.validation`), ``time`` (ISO 8601, UTC). Later versions only add fields; readers
+:mod:`fedscale.validation`), ``bytes_sent`` and ``bytes_received`` (the round's messages to
+and from clients, training and federated evaluation, in the bytes Flower serializes them
+to: :func:`fedscale.records.serialized_bytes`; null in round 0), ``aggregate_seconds`` (the
+strategy's aggregation; null when the round had too few replies to aggregate),
+``dp_epsilon`` and ``dp_delta`` (with ``dp`` set: the privacy spent so far, epsilon at
+that delta, from :mod:`fedscale.privacy`'s accountant; null without), ``time``
+(ISO 8601, UTC). Later versions only add fields; readers
 must ignore fields they do not know. See docs/metrics.md.
 """
 
@@ -29,14 +37,14 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 
+from .checkpoint import CheckpointStore
 from .exceptions import ConfigError, DataError
 from .files import atomic_write
 
@@ -65,15 +73,26 @@ class RoundRecord:
     clients_dropped: int | None = None
     dropped: dict[str, int] | None = None
     clients_rejected: int = 0
+    bytes_sent: int | None = None
+    bytes_received: int | None = None
+    aggregate_seconds: float | None = None
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
+
+    @classmethod
+    def from_json(cls, row: Mapping[str, Any]) -> RoundRecord:
+        """Read back a ``metrics.jsonl`` object (fields it does not know are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in row.items() if k in names})
+
+    time: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="milliseconds"))
+    """When the round's record was made (ISO 8601, UTC): stamped once, so every copy
+    (metrics.jsonl, the checkpoint, ``--json`` output) says the same."""
 
     def to_json(self) -> dict[str, Any]:
         """Return the JSON object written for this round."""
         body = {k: _finite_or_none(v) for k, v in asdict(self).items()}
-        return {
-            "schema": METRICS_SCHEMA_VERSION,
-            **body,
-            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
-        }
+        return {"schema": METRICS_SCHEMA_VERSION, **body}
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -125,6 +144,18 @@ class RunDirectory:
 
         atomic_write(self.config_path, tomli_w.dumps(dict(config)).encode())
 
+    def read_config(self) -> dict[str, Any]:
+        """Read ``config.toml``: the settings the run used, as a run config."""
+        import tomllib
+
+        try:
+            return tomllib.loads(self.config_path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise DataError(
+                f"{self.config_path}: expected the run's settings as TOML, could not read "
+                f"them: {err}"
+            ) from err
+
     def append_metrics(self, record: RoundRecord) -> None:
         """Append one round to ``metrics.jsonl`` and flush it to disk."""
         line = json.dumps(record.to_json(), allow_nan=False) + "\n"
@@ -168,25 +199,40 @@ class RunDirectory:
             rows.append((number, row))
         return rows
 
+    def rewind_metrics(self, last_round: int, last_record: Mapping[str, Any]) -> None:
+        """Make ``metrics.jsonl`` hold rounds 0 to ``last_round`` exactly once (for a resume).
+
+        Lines of later rounds (written before the crash that the resume follows,
+        never committed) are dropped, and ``last_record``, the committed
+        checkpoint's own copy of its round's line, replaces a missing one.
+        """
+        kept: dict[int, dict[str, Any]] = {}
+        if self.metrics_path.exists():
+            text = self.metrics_path.read_text(encoding="utf-8", errors="replace")
+            for line in text.splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by the crash: the round is redone
+                number = row.get("round") if isinstance(row, dict) else None
+                if isinstance(number, int) and 0 <= number <= last_round:
+                    kept.setdefault(number, row)
+        kept[last_round] = dict(last_record)
+        lines = [json.dumps(kept[n], allow_nan=False) + "\n" for n in sorted(kept)]
+        atomic_write(self.metrics_path, "".join(lines).encode())
+
+    @property
+    def checkpoint_store(self) -> CheckpointStore:
+        """The run's checkpoints (:mod:`fedscale.checkpoint`): models, state, commit point."""
+        return CheckpointStore(self.checkpoints)
+
     def checkpoint_path(self, server_round: int) -> Path:
         """Where the global model after ``server_round`` is stored."""
-        return self.checkpoints / f"round-{server_round:04d}.safetensors"
+        return self.checkpoint_store.model_path(server_round)
 
-    def save_global_model(
-        self,
-        server_round: int,
-        arrays: Mapping[str, npt.NDArray[Any]],
-        metadata: Mapping[str, str] | None = None,
-    ) -> Path:
+    def save_global_model(self, server_round: int, arrays: Mapping[str, npt.NDArray[Any]]) -> Path:
         """Store the global model's arrays as safetensors, atomically."""
-        from safetensors.numpy import save  # lazy: see write_config
-
-        meta = {"round": str(server_round), "keys": json.dumps(list(arrays))}
-        meta.update(metadata or {})
-        data = save({k: np.require(v, requirements="C") for k, v in arrays.items()}, metadata=meta)
-        path = self.checkpoint_path(server_round)
-        atomic_write(path, data)
-        return path
+        return self.checkpoint_store.save_model(server_round, arrays)[0]
 
     def load_global_model(self, server_round: int) -> dict[str, npt.NDArray[Any]]:
         """Load the arrays saved for ``server_round``, in their original order."""

@@ -20,6 +20,7 @@ from .attacks import Attack
 from .devices import BUILTIN_MIXES
 from .exceptions import ConfigError
 from .partition import parse_scheme
+from .privacy import check_privacy_settings
 
 __all__ = ["RunSettings", "parse_device_name", "parse_strategy_args"]
 
@@ -67,12 +68,21 @@ class RunSettings:
     keep_models: int = 5
     export_onnx: bool = True
     out: str = ""
+    resume: bool = False
     strategy: str = "fedavg"
     strategy_args: str = ""
     attack: str = ""
     attack_fraction: float = 0.0
     max_examples: int = 1_000_000
     max_update_bytes: int = 0
+    min_replies: int = 1
+    dp: str = ""
+    dp_noise_multiplier: float = 1.0
+    dp_clipping_norm: float = 1.0
+    dp_delta: float = 0.0
+    dp_target_quantile: float = 0.5
+    dp_clip_lr: float = 0.2
+    dp_clipped_count_stddev: float = 0.0
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -112,6 +122,12 @@ class RunSettings:
         )
         _check(bool(self.dataset), "dataset", "a dataset name or path", self.dataset)
         _check(bool(self.model), "model", "a model name or MODULE:ATTR", self.model)
+        _check(
+            self.min_replies >= 1,
+            "min-replies",
+            "an integer >= 1 (replies a round needs to update the global model)",
+            self.min_replies,
+        )
         _check(self.keep_models >= 1, "keep-models", "an integer >= 1", self.keep_models)
         _check(
             self.max_examples >= 1,
@@ -127,6 +143,7 @@ class RunSettings:
         )
         _check_simulated_system(self)
         _check_strategy_and_attack(self)
+        check_privacy_settings(self)
         parse_scheme(self.partition)
         parse_device_name(self.device)
 
@@ -210,12 +227,21 @@ _FIELD_TYPES: dict[str, type] = {
     "keep_models": int,
     "export_onnx": bool,
     "out": str,
+    "resume": bool,
     "strategy": str,
     "strategy_args": str,
     "attack": str,
     "attack_fraction": float,
     "max_examples": int,
     "max_update_bytes": int,
+    "min_replies": int,
+    "dp": str,
+    "dp_noise_multiplier": float,
+    "dp_clipping_norm": float,
+    "dp_delta": float,
+    "dp_target_quantile": float,
+    "dp_clip_lr": float,
+    "dp_clipped_count_stddev": float,
 }
 
 

@@ -28,24 +28,46 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast, get_args
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from numpy.typing import NDArray
 
+from fedscale.checkpoint import (
+    Checkpoint,
+    check_resumable,
+    config_hash,
+    restore_rng_state,
+    rng_state,
+)
 from fedscale.clock import DropReason, RoundTiming
 from fedscale.datasets import load_dataset
-from fedscale.exceptions import ExportError, LaunchError
+from fedscale.exceptions import ConfigError, ExportError, LaunchError, ModelStoreError
 from fedscale.models import build_model
+from fedscale.modelstore import ModelDirectory
 from fedscale.node_data import has_natural_clients, natural_provider
-from fedscale.records import conform_dtypes, load_arrays_into, state_dict_to_arrays
+from fedscale.records import (
+    conform_dtypes,
+    load_arrays_into,
+    serialized_bytes,
+    state_dict_to_arrays,
+)
 from fedscale.runs import RoundRecord, RunDirectory
 from fedscale.settings import RunSettings
 from fedscale.training import EvalResult, evaluate, resolve_device
 from fedscale.validation import WEIGHT_KEY, screen_replies, update_byte_limit
 
-from .strategies import build_strategy
+from .strategies import (
+    build_strategy,
+    inner_strategy,
+    privacy_spent,
+    privatize,
+    restore_strategy_state,
+    set_sample_size,
+    strategy_state,
+)
 
 if TYPE_CHECKING:
     from fedscale.export import OnnxExporter
@@ -141,6 +163,10 @@ class SimulatedSystemView(Protocol):
         """Advance the clock to the planned round's end."""
         ...
 
+    def resume_at(self, now: float) -> None:
+        """Set the clock to a checkpoint's time (resuming a run)."""
+        ...
+
 
 @dataclass(frozen=True)
 class ServerData:
@@ -192,17 +218,18 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float, poll: float = 1.0) ->
         time.sleep(poll)
 
 
-def default_strategy(settings: RunSettings) -> FedAvg:
-    """Return the run's strategy (``strategy``, ``strategy-args``), sized each round.
+def default_strategy(settings: RunSettings) -> Strategy:
+    """Return the run's strategy (``strategy``, ``strategy-args``, ``dp``), sized each round.
 
     Every strategy of :mod:`fedscale.server.strategies` is Flower's, derives
-    from ``FedAvg`` and is sized by :func:`size_for_round`.
+    from ``FedAvg`` and is sized by :func:`size_for_round`; with ``dp`` it is
+    wrapped in Flower's differential privacy (:func:`~.strategies.privatize`).
     """
-    return build_strategy(settings)
+    return privatize(build_strategy(settings), settings)
 
 
 def size_for_round(
-    strategy: FedAvg, settings: RunSettings, connected: int, *, sample: int | None = None
+    strategy: Strategy, settings: RunSettings, connected: int, *, sample: int | None = None
 ) -> int:
     """Make a FedAvg-derived strategy sample exactly ``min(sample, connected)`` nodes.
 
@@ -210,14 +237,17 @@ def size_for_round(
     FedAvg samples ``max(int(fraction_train * connected), min_train_nodes)`` and
     waits while fewer than ``min_available_nodes`` are connected; set from the
     nodes connected now, every round, so nodes that join or leave change the
-    pool but never the number sampled. Returns that number.
+    pool but never the number sampled. A DP wrapper's FedAvg is sized, and the
+    wrapper calibrates its noise to that number. Returns that number.
     """
     per_round = min(settings.clients_per_round if sample is None else sample, connected)
-    strategy.fraction_train = per_round / connected
-    strategy.min_train_nodes = per_round
-    strategy.min_available_nodes = per_round
+    fedavg = cast(FedAvg, inner_strategy(strategy))
+    fedavg.fraction_train = per_round / connected
+    fedavg.min_train_nodes = per_round
+    fedavg.min_available_nodes = per_round
     if settings.fraction_evaluate > 0:
-        strategy.min_evaluate_nodes = max(1, int(settings.fraction_evaluate * connected))
+        fedavg.min_evaluate_nodes = max(1, int(settings.fraction_evaluate * connected))
+    set_sample_size(strategy, per_round)
     return per_round
 
 
@@ -247,11 +277,17 @@ def run_federation(
         settings.model, dataset.sample_shape, dataset.num_classes, seed=settings.seed
     )
     arrays = state_dict_to_arrays(model.state_dict())
-    run_dir = RunDirectory(out).create()
-    run_dir.write_config(settings.replace(out=str(run_dir.path)).to_run_config())
+    run_dir = RunDirectory(out)
+    run_config = settings.replace(out=str(run_dir.path)).to_run_config()
+    fingerprint = config_hash(run_config)
     exporter = _exporter(settings, dataset)
-
     system = _system(grid)
+
+    resumed = _resume(run_dir, run_config, strategy, system) if settings.resume else None
+    if resumed is None:
+        run_dir.create()
+    run_dir.write_config(run_config)
+
     if system is None:
         if settings.device_mix:
             log.warning(
@@ -264,29 +300,67 @@ def run_federation(
         # Simulated nodes never connect late; whoever is offline now may be online later.
         available = list(grid.get_node_ids())
     log.info(
-        "run %s: %d rounds of %s on %s, %d nodes connected",
+        "run %s: %s rounds of %s on %s, %d nodes connected",
         run_dir.path.name,
-        settings.num_rounds,
+        settings.num_rounds
+        if resumed is None
+        else f"rounds {resumed.round + 1}-{settings.num_rounds} of {settings.num_rounds}",
         type(strategy).__name__,
         settings.dataset,
         len(available),
     )
 
-    started = time.monotonic()
-    initial = evaluate(model, dataset.x_test, dataset.y_test, device=device)
-    records = [_record(0, initial, None, 0, 0, 0, 0.0, 0.0, **_simulated(system, None))]
-    run_dir.save_global_model(0, _numpy(arrays))
-    if exporter is not None:
-        try:
-            _publish(exporter, model, run_dir, 0, initial, settings)
-        except ExportError as err:
-            # Refuse the run before any training: every later round would be refused too.
-            raise ExportError(
-                f"{err}; set export-onnx = false (--no-export-onnx) to train without ONNX models"
-            ) from err
-    _emit(run_dir, records[-1], settings.num_rounds)
+    def commit(server_round: int, record: RoundRecord) -> None:
+        # The round's commit point: after it, a crash loses nothing of this round.
+        strategy_meta, strategy_arrays = strategy_state(strategy)
+        rng_meta, rng_arrays = rng_state()
+        run_dir.checkpoint_store.commit(
+            Checkpoint(
+                round=server_round,
+                config_hash=fingerprint,
+                global_arrays=_numpy(arrays),
+                record=record.to_json(),
+                strategy_meta=strategy_meta,
+                strategy_arrays=strategy_arrays,
+                rng_meta=rng_meta,
+                rng_arrays=rng_arrays,
+                sim_now=None if system is None else system.now,
+            )
+        )
 
-    for server_round in range(1, settings.num_rounds + 1):
+    if resumed is None:
+        started = time.monotonic()
+        initial = evaluate(model, dataset.x_test, dataset.y_test, device=device)
+        records = [
+            _record(
+                0, initial, None, 0, 0, 0, 0.0, 0.0, **_simulated(system, None), **_dp(strategy)
+            )
+        ]
+        run_dir.save_global_model(0, _numpy(arrays))
+        commit(0, records[-1])
+        if exporter is not None:
+            try:
+                _publish(exporter, model, run_dir, 0, initial, settings)
+            except ExportError as err:
+                # Refuse the run before any training: every later round would be refused too.
+                raise ExportError(
+                    f"{err}; set export-onnx = false (--no-export-onnx) to train without "
+                    "ONNX models"
+                ) from err
+        _emit(run_dir, records[-1], settings.num_rounds)
+        first_round = 1
+    else:
+        arrays = _arrays_like(resumed.global_arrays, arrays)
+        records = [RoundRecord.from_json(row) for row in run_dir.read_metrics()]
+        # `elapsed` goes on from where the run stopped; the downtime is not counted.
+        started = time.monotonic() - (records[-1].elapsed if records else 0.0)
+        if exporter is not None and _published_round(run_dir) < resumed.round:
+            # The crash came between the commit and the export: export it now.
+            result = _evaluate_global(model, arrays, dataset, device)
+            _publish(exporter, model, run_dir, resumed.round, result, settings)
+        first_round = resumed.round + 1
+
+    for server_round in range(first_round, settings.num_rounds + 1):
         round_start = time.monotonic()
         if system is not None and not list(grid.get_node_ids()):
             system.wait_for_clients()
@@ -297,7 +371,7 @@ def run_federation(
             else:
                 connected = len(list(grid.get_node_ids()))
                 sample = system.offer_count(settings.clients_per_round)
-            per_round = size_for_round(cast(FedAvg, strategy), settings, connected, sample=sample)
+            per_round = size_for_round(strategy, settings, connected, sample=sample)
             if per_round < sample:
                 log.warning(
                     "round %d: %d clients to sample but %d nodes are %s",
@@ -319,13 +393,31 @@ def run_federation(
         # Clients the round drops never hear from it: they cost no training.
         sent = messages if plan is None else _accepted(messages, plan)
         replies = _send(grid, sent, settings.round_timeout)
+        # Measured after sending: the grid stamps run id, sender and time into each message.
+        bytes_sent = serialized_bytes(sent)
+        bytes_received = serialized_bytes(replies)
         # Error replies and missing replies are failures; content that fails
         # validation is rejected. Neither reaches the strategy's averaging.
         failed = sum(r.has_error() for r in replies) + len(sent) - len(replies)
         replies, rejected = _screen(server_round, replies, arrays, settings, strategy)
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        if new_arrays is not None:
-            arrays = conform_dtypes(new_arrays, arrays)
+        usable = sum(not r.has_error() for r in replies)
+        train_metrics = None
+        aggregate_seconds = None
+        if usable >= settings.min_replies:
+            aggregation_start = time.perf_counter()
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+            if new_arrays is not None:
+                arrays = conform_dtypes(new_arrays, arrays)
+            aggregate_seconds = time.perf_counter() - aggregation_start
+        else:
+            log.warning(
+                "round %d: %d usable replies of %d sent, fewer than min-replies %d; the "
+                "global model stays as it was",
+                server_round,
+                usable,
+                len(sent),
+                settings.min_replies,
+            )
 
         federated = None
         if settings.fraction_evaluate > 0:
@@ -334,6 +426,8 @@ def run_federation(
                 strategy.configure_evaluate(server_round, arrays, eval_config, grid)
             )
             eval_replies = _send(grid, eval_messages, settings.round_timeout)
+            bytes_sent += serialized_bytes(eval_messages)
+            bytes_received += serialized_bytes(eval_replies)
             federated = strategy.aggregate_evaluate(server_round, eval_replies)
         if plan is not None:
             # After federated evaluation, which is not timed: it samples the nodes
@@ -341,13 +435,6 @@ def run_federation(
             cast(SimulatedSystemView, system).finish_round(plan)
 
         result = _evaluate_global(model, arrays, dataset, device)
-        run_dir.save_global_model(server_round, _numpy(arrays))
-        if exporter is not None:
-            try:
-                _publish(exporter, model, run_dir, server_round, result, settings)
-            except ExportError as err:
-                # The model directory keeps the last model that passed; training goes on.
-                log.error("round %d: global model not published: %s", server_round, err)
         now = time.monotonic()
         record = _record(
             server_round,
@@ -361,12 +448,91 @@ def run_federation(
             federated_loss=_metric(federated, "eval-loss"),
             federated_accuracy=_metric(federated, "eval-accuracy"),
             rejected=rejected,
+            bytes_sent=bytes_sent,
+            bytes_received=bytes_received,
+            aggregate_seconds=aggregate_seconds,
             **_simulated(system, plan),
+            **_dp(strategy),
         )
+        run_dir.save_global_model(server_round, _numpy(arrays))
+        commit(server_round, record)
+        if exporter is not None:
+            try:
+                _publish(exporter, model, run_dir, server_round, result, settings)
+            except ExportError as err:
+                # The model directory keeps the last model that passed; training goes on.
+                log.error("round %d: global model not published: %s", server_round, err)
         records.append(record)
         _emit(run_dir, record, settings.num_rounds)
 
     return FederationResult(run_dir=run_dir, rounds=records, arrays=arrays)
+
+
+@dataclass(frozen=True)
+class _Resumed:
+    round: int
+    global_arrays: dict[str, NDArray[Any]]
+
+
+def _resume(
+    run_dir: RunDirectory,
+    run_config: Mapping[str, Any],
+    strategy: Strategy,
+    system: SimulatedSystemView | None,
+) -> _Resumed:
+    """Load the run's last checkpoint into ``strategy``, the RNGs and ``system``.
+
+    Refuses a run folder without a checkpoint, a checkpoint whose files fail
+    their sha256, and settings that differ from the run's other than
+    ``num-rounds`` (naming each difference). ``metrics.jsonl`` is rewound to the
+    checkpoint's round: rounds begun after it are redone.
+    """
+    store = run_dir.checkpoint_store
+    checkpoint = store.load_latest()
+    stored = run_dir.read_config() if run_dir.config_path.exists() else {}
+    check_resumable(checkpoint.config_hash, stored, run_config)
+    last = checkpoint.round
+    if last >= int(run_config["num-rounds"]):
+        raise ConfigError(
+            f"resume: the run in {run_dir.path} has completed {last} rounds, expected "
+            f"num-rounds above that to train further, got {run_config['num-rounds']}"
+        )
+    restore_strategy_state(strategy, checkpoint.strategy_meta, checkpoint.strategy_arrays)
+    restore_rng_state(checkpoint.rng_meta, checkpoint.rng_arrays)
+    if system is not None:
+        if checkpoint.sim_now is None:
+            raise ConfigError(
+                f"resume: the checkpoint in {store.folder} has no virtual clock, but this "
+                "runtime simulates devices; resume it on the runtime it ran on"
+            )
+        system.resume_at(float(checkpoint.sim_now))
+    run_dir.rewind_metrics(last, checkpoint.record)
+    log.info("resuming %s after round %d", run_dir.path, last)
+    return _Resumed(round=last, global_arrays=checkpoint.global_arrays)
+
+
+def _arrays_like(stored: Mapping[str, NDArray[Any]], template: ArrayRecord) -> ArrayRecord:
+    """Return the checkpoint's global model as the run's ArrayRecord, checked against the model."""
+    if list(stored) != list(template):
+        raise ConfigError(
+            f"resume: the checkpoint holds arrays {list(stored)}, the run's model has "
+            f"{list(template)}"
+        )
+    for key, array in template.items():
+        got = stored[key]
+        if tuple(got.shape) != tuple(array.shape) or str(got.dtype) != array.dtype:
+            raise ConfigError(
+                f"resume: checkpoint array {key!r}: expected {array.dtype}{list(array.shape)}, "
+                f"got {got.dtype}{list(got.shape)}"
+            )
+    return ArrayRecord({key: Array(np.array(value)) for key, value in stored.items()})
+
+
+def _published_round(run_dir: RunDirectory) -> int:
+    try:
+        return ModelDirectory(run_dir.models).read_manifest().round
+    except ModelStoreError:
+        return -1
 
 
 def _system(grid: Grid) -> SimulatedSystemView | None:
@@ -442,7 +608,7 @@ def _screen(
         arrays,
         max_examples=settings.max_examples,
         max_bytes=update_byte_limit(arrays, settings.max_update_bytes),
-        weight_key=getattr(strategy, "weighted_by_key", WEIGHT_KEY),
+        weight_key=getattr(inner_strategy(strategy), "weighted_by_key", WEIGHT_KEY),
     )
     for reply, reason in rejected:
         log.warning(
@@ -525,6 +691,11 @@ def _record(
     clients_dropped: int | None = None,
     dropped: dict[str, int] | None = None,
     rejected: int = 0,
+    bytes_sent: int | None = None,
+    bytes_received: int | None = None,
+    aggregate_seconds: float | None = None,
+    dp_epsilon: float | None = None,
+    dp_delta: float | None = None,
 ) -> RoundRecord:
     return RoundRecord(
         round=server_round,
@@ -543,7 +714,18 @@ def _record(
         clients_dropped=clients_dropped,
         dropped=dropped,
         clients_rejected=rejected,
+        bytes_sent=bytes_sent,
+        bytes_received=bytes_received,
+        aggregate_seconds=None if aggregate_seconds is None else round(aggregate_seconds, 6),
+        dp_epsilon=dp_epsilon,
+        dp_delta=dp_delta,
     )
+
+
+def _dp(strategy: Strategy) -> dict[str, Any]:
+    """Return the ``metrics.jsonl`` fields of differential privacy (none without it)."""
+    spent = privacy_spent(strategy)
+    return {} if spent is None else {"dp_epsilon": spent[0], "dp_delta": spent[1]}
 
 
 def _emit(run_dir: RunDirectory, record: RoundRecord, num_rounds: int) -> None:

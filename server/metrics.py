@@ -32,6 +32,9 @@ __all__ = ["METRIC_NAMES", "MetricsExporter", "ServerMetrics", "update_from_roun
 # Round durations run from a fraction of a second (small simulations) to the
 # round timeout of real deployments (minutes).
 _ROUND_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+# Aggregation: a millisecond for FedAvg over a few small updates, seconds for
+# Krum/Bulyan's pairwise distances over many large ones.
+_AGGREGATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)
 
 
 @dataclass
@@ -76,6 +79,23 @@ class ServerMetrics:
             "Clients the simulated system dropped (offline, deadline, overcommit).",
             registry=r,
         )
+        self.bytes_sent = Counter(
+            "fedscale_server_bytes_sent",
+            "Bytes of the messages sent to clients (training and evaluation), as Flower "
+            "serializes them.",
+            registry=r,
+        )
+        self.bytes_received = Counter(
+            "fedscale_server_bytes_received",
+            "Bytes of the replies received from clients, as Flower serializes them.",
+            registry=r,
+        )
+        self.aggregation = Histogram(
+            "fedscale_server_aggregation_seconds",
+            "Seconds the strategy spends aggregating one round's updates.",
+            buckets=_AGGREGATION_BUCKETS,
+            registry=r,
+        )
         self.global_loss = Gauge(
             "fedscale_server_global_loss", "Global model's test loss, latest round.", registry=r
         )
@@ -101,6 +121,9 @@ METRIC_NAMES = frozenset(
         "fedscale_server_clients_failed_total",
         "fedscale_server_clients_rejected_total",
         "fedscale_server_clients_dropped_total",
+        "fedscale_server_bytes_sent_total",
+        "fedscale_server_bytes_received_total",
+        "fedscale_server_aggregation_seconds",
         "fedscale_server_global_loss",
         "fedscale_server_global_accuracy",
         "fedscale_server_current_round",
@@ -129,12 +152,17 @@ def update_from_round(metrics: ServerMetrics, record: Mapping[str, Any]) -> None
     seconds = record.get("seconds")
     if isinstance(seconds, int | float):
         metrics.round_duration.observe(float(seconds))
+    aggregate = record.get("aggregate_seconds")  # null when a round had nothing to aggregate
+    if isinstance(aggregate, int | float):
+        metrics.aggregation.observe(float(aggregate))
     for counter, key in (
         (metrics.clients_sampled, "clients_sampled"),
         (metrics.clients_replied, "clients_replied"),
         (metrics.clients_failed, "clients_failed"),
         (metrics.clients_rejected, "clients_rejected"),
         (metrics.clients_dropped, "clients_dropped"),  # null without a device model
+        (metrics.bytes_sent, "bytes_sent"),
+        (metrics.bytes_received, "bytes_received"),
     ):
         count = record.get(key)
         if isinstance(count, int) and count > 0:

@@ -90,6 +90,8 @@ def simulate(
         )
     # Every virtual node is there from the start: never wait for more.
     settings = settings.replace(min_clients=min(settings.min_clients, clients))
+    if settings.resume and not settings.out:
+        raise ConfigError("resume: expected out, the run folder to continue, got none")
     if not settings.out:
         from fedscale.server.app import default_run_dir
 

@@ -14,7 +14,8 @@ Everything else is left to the grid's general path, unchanged: evaluate and
 other messages, other ClientApps, a ClientApp given mods, models that are not
 eligible, nodes with a model directory (those export before training), messages
 with FedProx's ``proximal-mu`` above 0, every message of a run with an ``attack``
-(its Byzantine clients change their replies after training), and any
+(its Byzantine clients change their replies after training) or with client-side
+differential privacy (the ClientApp's train mod clips its replies), and any
 message whose inputs the ClientApp would refuse (so its error reply is the one
 the general path gives). Nodes that do not exist or are offline get the grid's
 own error replies.
@@ -37,6 +38,7 @@ from torch import nn
 from fedscale.cohort import cohort_support, train_cohort
 from fedscale.exceptions import DataError, FedscaleError, RecordError
 from fedscale.node_data import node_data, node_device_name
+from fedscale.privacy import CLIENT_SIDE_MODES
 from fedscale.records import load_arrays_into, state_dict_to_arrays
 from fedscale.settings import RunSettings
 from fedscale.training import resolve_device, shuffle_seed
@@ -94,6 +96,8 @@ def deliver_cohorts(grid: InProcessGrid, messages: list[Message]) -> dict[str, M
         return {}  # the ClientApp refuses these settings: let it say so per message
     if settings.attack:
         return {}  # Byzantine clients change their replies after training: the ClientApp's job
+    if settings.dp in CLIENT_SIDE_MODES:
+        return {}  # the ClientApp's train mod clips (and noises) every reply
     replies: dict[str, Message] = {}
     groups: dict[_GroupKey, list[_Client]] = {}
     records: dict[int, ArrayRecord] = {}

@@ -120,6 +120,13 @@ class SimulatedSystem:
         """The virtual clock, in simulated seconds since the run started."""
         return self._now
 
+    def resume_at(self, now: float) -> None:
+        """Set the clock to ``now``, a checkpoint's time (resuming a run)."""
+        if not (math.isfinite(now) and now >= 0):
+            raise ConfigError(f"resume: expected a virtual time >= 0, got {now!r}")
+        self._now = now
+        self._online = None
+
     @property
     def num_clients(self) -> int:
         """Clients in the federation."""

@@ -2,6 +2,8 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedscale.exceptions import RecordError
 from fedscale.models import build_model
@@ -104,3 +106,108 @@ def test_fast_record_building_equals_flowers_public_constructors():
         )
     fast["extra"] = public[next(iter(public))]  # a fast-built record stays a normal one
     assert len(fast) == len(public) + 1
+
+
+def _flower_bytes(message) -> int:
+    """What Flower ships for ``message``: every object of its tree, deflated (the reference)."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+
+
+def _message(content, *, node: int, when: float, error=None):
+    from flwr.app import Message, Metadata
+
+    metadata = Metadata(
+        run_id=12345678901234,
+        message_id="",
+        src_node_id=node,
+        dst_node_id=1,
+        reply_to_message_id="f" * 64,
+        group_id="3",
+        created_at=when,
+        ttl=600.0,
+        message_type="train",
+    )
+    if error is not None:
+        return Message(metadata=metadata, error=error)
+    return Message(metadata=metadata, content=content)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shapes=st.lists(st.lists(st.integers(0, 40), min_size=0, max_size=3), min_size=1, max_size=4),
+    dtype=st.sampled_from(["float32", "float16", "int64", "uint8", "bool"]),
+    examples=st.integers(0, 2**62),
+    loss=st.floats(allow_nan=False),
+    node=st.integers(1, 2**63 - 1),
+    when=st.floats(0, 4e9),
+    seed=st.integers(0, 2**32 - 1),
+    duplicate=st.booleans(),
+)
+def test_serialized_size_equals_flowers_own_serialization(
+    shapes, dtype, examples, loss, node, when, seed, duplicate
+):
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    from fedscale.records import serialized_size
+
+    rng = np.random.default_rng(seed)
+    values = {
+        f"layer{i}.weight": (rng.standard_normal(shape) * 100).astype(dtype)
+        if shape
+        else np.array(3, dtype=dtype)
+        for i, shape in enumerate(shapes)
+    }
+    if duplicate:
+        # Equal arrays (two zero biases of one size, say) are one object to Flower.
+        values["copy.weight"] = next(iter(values.values())).copy()
+    arrays = ArrayRecord({k: Array(v) for k, v in values.items()})
+    content = RecordDict(
+        {
+            "arrays": arrays,
+            "metrics": MetricRecord({"num-examples": examples, "train-loss": loss}),
+            "config": ConfigRecord({"note": "x" * (seed % 50)}),
+        }
+    )
+    message = _message(content, node=node, when=when)
+    # Twice: the second answer comes from the memo, and must still be exact.
+    assert serialized_size(message) == _flower_bytes(message)
+    assert serialized_size(message) == _flower_bytes(message)
+
+
+def test_serialized_size_of_an_array_of_several_chunks_and_of_an_error_reply():
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, Error, RecordDict
+
+    from fedscale.records import serialized_size
+
+    big = ArrayRecord({"w": Array(np.arange(3_000_000, dtype=np.float32))})  # 12 MB, 3 chunks
+    message = _message(RecordDict({"arrays": big}), node=5, when=1.0)
+    size = serialized_size(message)
+    assert size == _flower_bytes(message)
+    assert size > 12_000_000
+    # 18 MB of zeros in 4 chunks: the first starts with the .npy header, the next
+    # two are 5 MB of zeros each, one object to Flower.
+    zeros = ArrayRecord({"w": Array(np.zeros(4_500_000, dtype=np.float32))})
+    message = _message(RecordDict({"arrays": zeros}), node=5, when=1.0)
+    assert serialized_size(message) == _flower_bytes(message) < 14_000_000
+    failed = _message(None, node=5, when=1.0, error=Error(code=2, reason="client crashed"))
+    assert serialized_size(failed) == _flower_bytes(failed)
+
+
+def test_serialized_size_tells_equal_arrays_from_distinct_ones_of_the_same_shape():
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, RecordDict
+
+    from fedscale.records import serialized_size
+
+    def message(second: np.ndarray):
+        arrays = ArrayRecord({"a.bias": Array(np.ones(64, np.float32)), "b.bias": Array(second)})
+        return _message(RecordDict({"arrays": arrays}), node=3, when=2.0)
+
+    distinct = message(np.full(64, 2.0, np.float32))
+    equal = message(np.ones(64, np.float32))  # the same shape, and the same bytes as a.bias
+    assert serialized_size(distinct) == _flower_bytes(distinct)
+    assert serialized_size(equal) == _flower_bytes(equal) < _flower_bytes(distinct)

@@ -45,6 +45,11 @@ def test_metrics_lines_follow_the_schema(tmp_path):
         "clients_dropped",
         "dropped",
         "clients_rejected",
+        "bytes_sent",
+        "bytes_received",
+        "aggregate_seconds",
+        "dp_epsilon",
+        "dp_delta",
         "time",
     }
     assert rows[0]["schema"] == METRICS_SCHEMA_VERSION

@@ -4,88 +4,34 @@ Each is a separate process (a SuperLink, three SuperNodes, and the ServerApp and
 ClientApp processes Flower starts for them); every one is stopped by its PID.
 """
 
-import os
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
-from fedscale.processes import free_port, start, stop
+from fedscale.processes import free_port, stop
 from fedscale.runs import RunDirectory
+from tests.server.deployment import deployment_env, group_members, start_edge_client, start_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-FEDSCALE = [sys.executable, "-m", "fedscale.cli"]
-
-
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
-        except (OSError, ValueError):
-            continue
-        if int(pgrp) == pgid and state != "Z":
-            members.append(int(stat.parent.name))
-    return members
-
 
 def test_server_with_three_edge_clients_trains_digits(tmp_path):
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(tmp_path / "flwr-home"),
-        "FLWR_TELEMETRY_ENABLED": "0",
-    }
+    env = deployment_env(tmp_path)
     port = free_port()
     run = tmp_path / "run"
-    server = start(
-        [
-            *FEDSCALE,
-            "server",
-            "--port",
-            str(port),
-            "--rounds",
-            "3",
-            "--min-clients",
-            "3",
-            "--per-round",
-            "3",
-            "--round-timeout",
-            "120",
-            "--out",
-            str(run),
-        ],
-        log_file=tmp_path / "server.log",
-        env=env,
+    server = start_server(
+        tmp_path,
+        env,
+        *("--port", str(port), "--rounds", "3", "--min-clients", "3", "--per-round", "3"),
+        *("--round-timeout", "120", "--out", str(run)),
     )
-    clients = [
-        start(
-            [
-                *FEDSCALE,
-                "edge-client",
-                "--server",
-                f"127.0.0.1:{port}",
-                "--partition-id",
-                str(i),
-                "--num-partitions",
-                "3",
-                "--port",
-                str(free_port()),
-                "--max-wait-time",
-                "120",
-            ],
-            log_file=tmp_path / f"client{i}.log",
-            env=env,
-        )
-        for i in range(3)
-    ]
+    clients = [start_edge_client(tmp_path, env, port, i, 3) for i in range(3)]
     processes = [server, *clients]
     try:
         code = server.wait(timeout=300)
         log = (tmp_path / "server.log").read_text()
         assert code == 0, log
-        assert not _group_members(server.pid), "the server stopped its SuperLink and ServerApp"
+        assert not group_members(server.pid), "the server stopped its SuperLink and ServerApp"
         rows = RunDirectory(run).read_metrics()
         assert [r["round"] for r in rows] == [0, 1, 2, 3]
         assert all(r["clients_replied"] == 3 and r["clients_failed"] == 0 for r in rows[1:])
@@ -98,5 +44,5 @@ def test_server_with_three_edge_clients_trains_digits(tmp_path):
         for process in processes:
             stop(process)
         shutil.rmtree(tmp_path / "flwr-home", ignore_errors=True)
-    leftovers = {p.pid: _group_members(p.pid) for p in processes}
+    leftovers = {p.pid: group_members(p.pid) for p in processes}
     assert not any(leftovers.values()), leftovers

@@ -9,10 +9,8 @@ from __future__ import annotations
 import http.client
 import json
 import math
-import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -22,15 +20,15 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fedscale.modelstore import ModelDirectory
-from fedscale.processes import free_port, start, stop
+from fedscale.processes import free_port, stop
 from fedscale.runs import RunDirectory
 from fedscale.server.metrics import METRIC_NAMES as SERVER_NAMES
 from fedscale.server.metrics import MetricsExporter, ServerMetrics, update_from_round
 from fedscale.serving.metrics import METRIC_NAMES as SERVING_NAMES
 from fedscale.serving.metrics import ServingMetrics
+from tests.server.deployment import deployment_env, start_edge_client, start_server
 from tests.serving.helpers import ServeProcess, lenet, lenet_input, publish_export, request
 
-FEDSCALE = [sys.executable, "-m", "fedscale.cli"]
 DASHBOARD = Path(__file__).resolve().parents[2] / "server" / "grafana-dashboard.json"
 
 
@@ -82,8 +80,20 @@ def test_update_from_round_counts_training_rounds_only():
             clients_rejected=1,
             clients_dropped=2,
             seconds=0.3,
+            bytes_sent=1000,
+            bytes_received=900,
+            aggregate_seconds=0.002,
         ),
-        _row(2, clients_sampled=5, clients_replied=5, seconds=7.0, loss=None),
+        _row(
+            2,
+            clients_sampled=5,
+            clients_replied=5,
+            seconds=7.0,
+            loss=None,
+            bytes_sent=1000,
+            bytes_received=1500,
+            aggregate_seconds=None,  # too few replies to aggregate
+        ),
     ]
     for row in rows:
         update_from_round(metrics, row)
@@ -101,6 +111,10 @@ def test_update_from_round_counts_training_rounds_only():
     assert got[("fedscale_server_round_duration_seconds_sum", ())] == pytest.approx(7.3)
     assert got[("fedscale_server_round_duration_seconds_bucket", (("le", "0.5"),))] == 1
     assert got[("fedscale_server_round_duration_seconds_bucket", (("le", "10.0"),))] == 2
+    assert got[("fedscale_server_bytes_sent_total", ())] == 2000
+    assert got[("fedscale_server_bytes_received_total", ())] == 2400
+    assert got[("fedscale_server_aggregation_seconds_count", ())] == 1
+    assert got[("fedscale_server_aggregation_seconds_sum", ())] == pytest.approx(0.002)
     exported = {name for name, _ in got}
     for name in SERVER_NAMES:
         assert name in exported or f"{name}_count" in exported, name
@@ -205,59 +219,18 @@ def test_serve_metrics_count_requests_by_status(tmp_path):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_server_metrics_match_the_run(tmp_path):
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(tmp_path / "flwr-home"),
-        "FLWR_TELEMETRY_ENABLED": "0",
-    }
+    env = deployment_env(tmp_path)
     port, metrics_port = free_port(), free_port()
     run = tmp_path / "run"
     log_file = tmp_path / "server.log"
-    server = start(
-        [
-            *FEDSCALE,
-            "server",
-            "--port",
-            str(port),
-            "--rounds",
-            "2",
-            "--min-clients",
-            "2",
-            "--per-round",
-            "2",
-            "--round-timeout",
-            "120",
-            "--out",
-            str(run),
-            "--metrics-port",
-            str(metrics_port),
-            "--metrics-linger",
-            "120",
-        ],
-        log_file=log_file,
-        env=env,
+    server = start_server(
+        tmp_path,
+        env,
+        *("--port", str(port), "--rounds", "2", "--min-clients", "2", "--per-round", "2"),
+        *("--round-timeout", "120", "--out", str(run)),
+        *("--metrics-port", str(metrics_port), "--metrics-linger", "120"),
     )
-    clients = [
-        start(
-            [
-                *FEDSCALE,
-                "edge-client",
-                "--server",
-                f"127.0.0.1:{port}",
-                "--partition-id",
-                str(i),
-                "--num-partitions",
-                "2",
-                "--port",
-                str(free_port()),
-                "--max-wait-time",
-                "120",
-            ],
-            log_file=tmp_path / f"client{i}.log",
-            env=env,
-        )
-        for i in range(2)
-    ]
+    clients = [start_edge_client(tmp_path, env, port, i, 2) for i in range(2)]
     try:
         # The run is over once the server says how long it keeps /metrics up.
         deadline = time.monotonic() + 300
@@ -275,6 +248,10 @@ def test_server_metrics_match_the_run(tmp_path):
             expected = sum(r[f"clients_{key}"] for r in trained)
             assert got[(f"fedscale_server_clients_{key}_total", ())] == expected, key
         assert got[("fedscale_server_clients_replied_total", ())] == 4
+        for key in ("sent", "received"):
+            expected = sum(r[f"bytes_{key}"] for r in trained)
+            assert got[(f"fedscale_server_bytes_{key}_total", ())] == expected > 0, key
+        assert got[("fedscale_server_aggregation_seconds_count", ())] == 2
         assert got[("fedscale_server_round_duration_seconds_count", ())] == 2
         assert got[("fedscale_server_global_accuracy", ())] == pytest.approx(rows[-1]["accuracy"])
         assert stop(server) == 0, "SIGTERM ends the linger cleanly"

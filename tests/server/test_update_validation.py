@@ -158,14 +158,14 @@ def _malformed(content: RecordDict, kind: str) -> RecordDict:
     return RecordDict(records)
 
 
-def _run(tmp_path, name: str, bad: set[int]) -> tuple[Federation, list[dict]]:
+def _run(tmp_path, name: str, bad: set[int], **settings) -> tuple[Federation, list[dict]]:
     federation = Federation(bad)
     out = tmp_path / name
     run_apps(
         federation.server,
         federation.client,
         clients=CLIENTS,
-        run_config=BASE.replace(out=str(out)).to_run_config(),
+        run_config=BASE.replace(out=str(out), **settings).to_run_config(),
     )
     return federation, RunDirectory(out).read_metrics()
 
@@ -215,6 +215,26 @@ def test_a_round_whose_every_update_is_rejected_keeps_the_global_model(tmp_path)
     assert [r["clients_rejected"] for r in rows] == [0] + [CLIENTS] * ROUNDS
     assert all(r["clients_replied"] == 0 for r in rows)
     assert {r["accuracy"] for r in rows} == {rows[0]["accuracy"]}
+
+
+def test_a_round_with_fewer_usable_replies_than_min_replies_keeps_the_global_model(
+    tmp_path, caplog
+):
+    bad = {0, 1, 2, 3}
+    caplog.set_level("WARNING", logger="fedscale.server.federation")
+    federation, rows = _run(tmp_path, "strict", bad, min_replies=CLIENTS - len(bad) + 1)
+    assert federation.strategy.received == [], "no round reached aggregation"
+    run = RunDirectory(tmp_path / "strict")
+    first, last = run.load_global_model(0), run.load_global_model(ROUNDS)
+    assert all(np.array_equal(first[k], last[k]) for k in first)
+    assert all(r["clients_replied"] == CLIENTS - len(bad) for r in rows[1:])
+    warned = [r.getMessage() for r in caplog.records if "fewer than min-replies" in r.getMessage()]
+    assert len(warned) == ROUNDS
+
+    # Exactly enough usable replies: the rounds aggregate them.
+    federation, rows = _run(tmp_path, "enough", bad, min_replies=CLIENTS - len(bad))
+    assert len(federation.strategy.received) == ROUNDS * (CLIENTS - len(bad))
+    assert rows[-1]["accuracy"] > rows[0]["accuracy"]
 
 
 @pytest.fixture

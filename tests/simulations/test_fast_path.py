@@ -16,7 +16,7 @@ from fedscale.simulations._flower import FIRST_CLIENT_NODE_ID, server_task_ident
 from fedscale.simulations.grid import InProcessGrid
 from fedscale.simulations.system import system_for
 
-WALL = {"seconds", "elapsed", "time"}
+WALL = {"seconds", "elapsed", "time", "aggregate_seconds"}
 FLOATS = {"loss", "accuracy", "train_loss", "federated_loss", "federated_accuracy"}
 
 

@@ -42,8 +42,12 @@ def test_run_folder_holds_config_metrics_and_every_rounds_model(tmp_path):
     out = tmp_path / "run"
     result = simulate(out=str(out), num_rounds=3, clients=20, clients_per_round=5)
     assert tomllib.loads((out / "config.toml").read_text())["num-rounds"] == 3
+    # Every round's model, and the resume state of the last two rounds.
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == [
-        f"round-000{i}.safetensors" for i in range(4)
+        "latest.json",
+        *(f"round-000{i}.safetensors" for i in range(4)),
+        "state-0002.safetensors",
+        "state-0003.safetensors",
     ]
     final = result.run_dir.load_global_model(3)
     assert set(final) == {"net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias"}
@@ -166,3 +170,16 @@ def test_cli_takes_user_dataset_and_model_by_module_attr(tmp_path):
     assert rows[-1]["accuracy"] > max(0.75, rows[0]["accuracy"])
     config = (tmp_path / "r" / "config.toml").read_text()
     assert 'model = "tests.fedscale.test_models:small_net"' in config
+
+
+def test_metrics_count_the_bytes_of_every_message_and_the_aggregation_time(tmp_path):
+    result = simulate(out=str(tmp_path / "run"), num_rounds=2, clients=20, clients_per_round=5)
+    model = sum(a.nbytes for a in result.run_dir.load_global_model(0).values())
+    first, *trained = result.rounds
+    assert first["bytes_sent"] is None and first["aggregate_seconds"] is None
+    for row in trained:
+        # Five global models out and five updates back, plus headers, metadata
+        # and the small records (about 2 kB a message here): within 10% of the arrays.
+        for key in ("bytes_sent", "bytes_received"):
+            assert 5 * model < row[key] < 5 * model * 1.10, (key, row[key], model)
+        assert row["aggregate_seconds"] > 0

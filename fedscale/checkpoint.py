@@ -1,0 +1,310 @@
+"""Resumable checkpoints: everything a run needs to continue after its last round.
+
+After every completed round the server commits one checkpoint into
+``runs/<name>/checkpoints/``::
+
+    round-0003.safetensors   the global model (also what `fedscale export` reads)
+    state-0003.safetensors   the rest: strategy arrays (server-optimizer moments),
+                             RNG states, the round's metrics record, the config hash
+    latest.json              the commit point: round, both files and their sha256
+
+``latest.json`` is replaced atomically and last, so a crash at any moment leaves
+either the previous checkpoint or the new one, never half of one. Loading checks
+both files against the sha256 in ``latest.json`` and refuses a mismatch; nothing
+is unpickled (safetensors holds arrays, its metadata holds JSON).
+
+The config hash covers the run config except ``num-rounds`` (a resume may train
+further), ``resume`` and ``out``: any other change is refused on resume with the
+keys that differ (:func:`config_differences`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import numpy.typing as npt
+
+from .exceptions import ConfigError, DataError
+from .files import atomic_write
+
+__all__ = [
+    "RESUMABLE_KEYS",
+    "Checkpoint",
+    "check_resumable",
+    "CheckpointStore",
+    "config_differences",
+    "config_hash",
+    "restore_rng_state",
+    "rng_state",
+]
+
+CHECKPOINT_FORMAT = 1
+# Run-config keys a resume may change: the rounds to train, and how it was started.
+RESUMABLE_KEYS = frozenset({"num-rounds", "resume", "out"})
+LATEST = "latest.json"
+KEEP_STATES = 2  # state files kept: the latest, and one before it in case of a bad disk
+_TORCH_RNG = "rng/torch"
+
+
+def config_hash(run_config: Mapping[str, Any]) -> str:
+    """Return the sha256 of the run config without the keys a resume may change."""
+    fixed = {k: v for k, v in sorted(run_config.items()) if k not in RESUMABLE_KEYS}
+    # The type is part of the value: 1 and 1.0, or 1 and true, are different settings.
+    text = json.dumps({k: [type(v).__name__, v] for k, v in fixed.items()}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def config_differences(stored: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
+    """Return ``key: stored -> given`` for every key that differs, resumable keys aside."""
+    keys = sorted((set(stored) | set(given)) - RESUMABLE_KEYS)
+    missing = object()
+    out = []
+    for key in keys:
+        old, new = stored.get(key, missing), given.get(key, missing)
+        if old is missing or new is missing or type(old) is not type(new) or old != new:
+            shown_old = "(absent)" if old is missing else repr(old)
+            shown_new = "(absent)" if new is missing else repr(new)
+            out.append(f"{key}: {shown_old} -> {shown_new}")
+    return out
+
+
+def rng_state() -> tuple[dict[str, Any], dict[str, npt.NDArray[Any]]]:
+    """Return the process's RNG states: JSON-able parts, and arrays.
+
+    Python's ``random`` (Flower's samplers draw from it), numpy's global
+    generator and torch's CPU generator.
+    """
+    import torch
+
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = cast(
+        tuple[str, npt.NDArray[np.uint32], int, int, float], np.random.get_state(legacy=True)
+    )
+    meta = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+    return meta, {_TORCH_RNG: torch.get_rng_state().numpy().copy()}
+
+
+def restore_rng_state(meta: Mapping[str, Any], arrays: Mapping[str, npt.NDArray[Any]]) -> None:
+    """Set the RNG states :func:`rng_state` returned."""
+    import torch
+
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.from_numpy(np.array(arrays[_TORCH_RNG], dtype=np.uint8)))
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One committed round: the global model and the server's state after it."""
+
+    round: int
+    config_hash: str
+    global_arrays: dict[str, npt.NDArray[Any]]
+    record: dict[str, Any]
+    """The round's ``metrics.jsonl`` object, as written."""
+    strategy_meta: dict[str, Any] = field(default_factory=dict)
+    strategy_arrays: dict[str, npt.NDArray[Any]] = field(default_factory=dict)
+    rng_meta: dict[str, Any] = field(default_factory=dict)
+    rng_arrays: dict[str, npt.NDArray[Any]] = field(default_factory=dict)
+    sim_now: float | None = None
+    """The virtual clock at the round's end (simulated runs only)."""
+
+
+class CheckpointStore:
+    """Write and read a run's checkpoints (``runs/<name>/checkpoints``)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def model_path(self, server_round: int) -> Path:
+        """Return where the global model after ``server_round`` is stored."""
+        return self.folder / f"round-{server_round:04d}.safetensors"
+
+    def state_path(self, server_round: int) -> Path:
+        """Return where the rest of the server's state after ``server_round`` is stored."""
+        return self.folder / f"state-{server_round:04d}.safetensors"
+
+    @property
+    def latest_path(self) -> Path:
+        """``latest.json``: the last committed round."""
+        return self.folder / LATEST
+
+    # ------------------------------------------------------------------ write
+
+    def save_model(
+        self, server_round: int, arrays: Mapping[str, npt.NDArray[Any]]
+    ) -> tuple[Path, str]:
+        """Store the global model as safetensors; return its path and sha256."""
+        from safetensors.numpy import save
+
+        meta = {"round": str(server_round), "keys": json.dumps(list(arrays))}
+        data = save({k: np.require(v, requirements="C") for k, v in arrays.items()}, metadata=meta)
+        path = self.model_path(server_round)
+        atomic_write(path, data)
+        return path, hashlib.sha256(data).hexdigest()
+
+    def commit(self, checkpoint: Checkpoint) -> None:
+        """Write ``checkpoint`` (the model file too, unless already written) and commit it."""
+        from safetensors.numpy import save
+
+        model_file = self.model_path(checkpoint.round)
+        if model_file.is_file():
+            model_sha = _sha256(model_file.read_bytes())
+        else:
+            model_sha = self.save_model(checkpoint.round, checkpoint.global_arrays)[1]
+        arrays = {f"strategy/{k}": v for k, v in checkpoint.strategy_arrays.items()}
+        arrays.update(checkpoint.rng_arrays)
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "round": checkpoint.round,
+            "config_hash": checkpoint.config_hash,
+            "record": checkpoint.record,
+            "strategy": checkpoint.strategy_meta,
+            "rng": checkpoint.rng_meta,
+            "sim_now": checkpoint.sim_now,
+            "array_keys": list(arrays),
+        }
+        data = save(
+            {k: np.require(v, requirements="C") for k, v in arrays.items()},
+            metadata={"fedscale": json.dumps(meta, allow_nan=False)},
+        )
+        state_file = self.state_path(checkpoint.round)
+        atomic_write(state_file, data)
+        latest = {
+            "format": CHECKPOINT_FORMAT,
+            "round": checkpoint.round,
+            "model": model_file.name,
+            "model_sha256": model_sha,
+            "state": state_file.name,
+            "state_sha256": _sha256(data),
+            "config_hash": checkpoint.config_hash,
+        }
+        atomic_write(self.latest_path, (json.dumps(latest, indent=2) + "\n").encode())
+        self._prune(checkpoint.round)
+
+    def _prune(self, current: int) -> None:
+        states = sorted(self.folder.glob("state-*.safetensors"))
+        for old in states[:-KEEP_STATES]:
+            if old != self.state_path(current):
+                old.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------- read
+
+    def latest_round(self) -> int | None:
+        """Return the last committed round, or ``None`` if there is no checkpoint."""
+        if not self.latest_path.is_file():
+            return None
+        return int(self._latest()["round"])
+
+    def load_latest(self) -> Checkpoint:
+        """Load the last committed checkpoint, checking every file against its sha256."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import load
+
+        latest = self._latest()
+        model_bytes = self._checked(latest["model"], latest["model_sha256"])
+        state_bytes = self._checked(latest["state"], latest["state_sha256"])
+        try:
+            model = load(model_bytes)
+            state = load(state_bytes)
+            meta = json.loads(_safetensors_metadata(state_bytes)["fedscale"])
+            order = json.loads(_safetensors_metadata(model_bytes)["keys"])
+        except (SafetensorError, KeyError, ValueError) as err:
+            raise DataError(
+                f"checkpoint {self.folder}: expected safetensors files written by fedscale, "
+                f"could not read them: {err}"
+            ) from err
+        if meta.get("format") != CHECKPOINT_FORMAT or meta.get("round") != latest["round"]:
+            raise DataError(
+                f"checkpoint {self.state_path(latest['round'])}: expected format "
+                f"{CHECKPOINT_FORMAT} for round {latest['round']}, got format "
+                f"{meta.get('format')!r} for round {meta.get('round')!r}"
+            )
+        strategy_arrays = {
+            k.removeprefix("strategy/"): v for k, v in state.items() if k.startswith("strategy/")
+        }
+        rng_arrays = {k: v for k, v in state.items() if k.startswith("rng/")}
+        return Checkpoint(
+            round=int(meta["round"]),
+            config_hash=str(meta["config_hash"]),
+            global_arrays={k: model[k] for k in order},
+            record=dict(meta["record"]),
+            strategy_meta=dict(meta["strategy"]),
+            strategy_arrays=strategy_arrays,
+            rng_meta=dict(meta["rng"]),
+            rng_arrays=rng_arrays,
+            sim_now=meta.get("sim_now"),
+        )
+
+    def _latest(self) -> dict[str, Any]:
+        path = self.latest_path
+        if not path.is_file():
+            raise DataError(
+                f"run folder {self.folder.parent}: expected a checkpoint to resume from "
+                f"({path}), found none; the run did not complete a round"
+            )
+        try:
+            latest = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path}: expected a JSON object, could not read it: {err}") from err
+        needed = ("round", "model", "model_sha256", "state", "state_sha256", "config_hash")
+        if not isinstance(latest, dict) or any(key not in latest for key in needed):
+            raise DataError(f"{path}: expected the keys {', '.join(needed)}, got {latest!r}")
+        for key in ("model", "state"):
+            name = latest[key]
+            if not isinstance(name, str) or Path(name).name != name:
+                raise DataError(f"{path}: {key}: expected a file name, got {name!r}")
+        return latest
+
+    def _checked(self, name: str, sha256: str) -> bytes:
+        path = self.folder / name
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise DataError(f"checkpoint file {path}: could not read it: {err}") from err
+        actual = _sha256(data)
+        if actual != sha256:
+            raise DataError(
+                f"checkpoint file {path}: expected sha256 {sha256} (from {LATEST}), got "
+                f"{actual}; the file changed after it was written, refusing to load it"
+            )
+        return data
+
+
+def check_resumable(
+    stored_hash: str, stored_config: Mapping[str, Any], given: Mapping[str, Any]
+) -> None:
+    """Refuse a resume whose run config differs from the checkpoint's, naming the keys."""
+    if config_hash(given) == stored_hash:
+        return
+    differences = config_differences(stored_config, given)
+    if not differences:
+        differences = ["config.toml no longer matches the checkpoint's config hash"]
+    raise ConfigError(
+        "resume: expected the run's settings (only num-rounds may change), got "
+        + "; ".join(differences)
+    )
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    # The header is an 8-byte little-endian length, then JSON: read it without
+    # the arrays (safetensors.numpy.load drops the metadata).
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    return dict(header.get("__metadata__") or {})
