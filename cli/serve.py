@@ -55,6 +55,40 @@ def serve(
     poll_interval: Annotated[
         float, typer.Option(help="Seconds between checks for a new model (and pulls).")
     ] = 0.5,
+    request_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds from a request's first byte to its answer: receiving it (else 408), "
+            "waiting for a slot (else 503), inference (else 504); gRPC: the client's deadline "
+            "if earlier."
+        ),
+    ] = 30.0,
+    idle_timeout: Annotated[
+        float, typer.Option(help="Seconds an idle keep-alive HTTP connection stays open.")
+    ] = 60.0,
+    max_concurrency: Annotated[
+        int | None,
+        typer.Option(
+            help="Inferences running at once, REST and gRPC together "
+            "(default: 4 per core, 4 to 64).",
+            show_default=False,
+        ),
+    ] = None,
+    max_queue: Annotated[
+        int | None,
+        typer.Option(
+            help="Requests that may wait for a slot; beyond, 503 with Retry-After "
+            "(gRPC RESOURCE_EXHAUSTED) at once (default: 4 per slot, at least 64).",
+            show_default=False,
+        ),
+    ] = None,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Require 'Authorization: Bearer <key>' for inference and metadata; the key is "
+            "this file's content (or $FEDSCALE_SERVE_API_KEY). Health and /metrics stay open."
+        ),
+    ] = None,
 ) -> None:
     """Serve a model directory's newest model over KServe v2 REST and gRPC (onnxruntime)."""
     from .main import _errors
@@ -64,9 +98,15 @@ def serve(
         from fedscale.exceptions import ConfigError
         from fedscale.processes import is_loopback
         from fedscale.serving import Limits, ModelServer, ServeOptions, SessionSettings
+        from fedscale.serving.hardening import (
+            ApiKey,
+            default_max_concurrency,
+            default_max_queue,
+        )
 
         if model_dir is None and model_url is None:
             raise ConfigError("serve: expected --model-dir DIR, --model-url URL, or both")
+        concurrency = default_max_concurrency() if max_concurrency is None else max_concurrency
         temporary = None
         if model_dir is None:
             temporary = Path(tempfile.mkdtemp(prefix="fedscale-serve-"))
@@ -81,13 +121,27 @@ def serve(
                 session=SessionSettings(
                     intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads
                 ),
-                limits=Limits(max_batch=max_batch, max_body_bytes=max_body_bytes),
+                limits=Limits(
+                    max_batch=max_batch,
+                    max_body_bytes=max_body_bytes,
+                    request_timeout=request_timeout,
+                    idle_timeout=idle_timeout,
+                    max_concurrency=concurrency,
+                    max_queue=default_max_queue(concurrency) if max_queue is None else max_queue,
+                ),
                 poll_interval=poll_interval,
+                api_key=ApiKey.load(api_key_file),
             )
+            logger = logging.getLogger("fedscale.serving")
             if not is_loopback(host):
-                logging.getLogger("fedscale.serving").warning(
-                    "listening on %s: plaintext HTTP and gRPC, reachable from other machines",
+                logger.warning(
+                    "listening on %s: plaintext HTTP and gRPC, reachable from other machines%s",
                     host,
+                    "" if options.api_key else " and without an API key (--api-key-file)",
+                )
+            if options.api_key is not None:
+                logger.info(
+                    "API key from %s required (health and /metrics open)", options.api_key.source
                 )
             ModelServer(options).run(on_ready=lambda server: print(server.ready_line(), flush=True))
         finally:

@@ -10,6 +10,15 @@ go back as ``raw_output_contents``, as Triton answers. Validation is
 INVALID_ARGUMENT (HTTP's 400), NOT_FOUND (404) or RESOURCE_EXHAUSTED (413 —
 grpcio itself refuses a message over ``--max-body-bytes`` with it).
 
+Hardening, as on REST: ModelInfer takes a slot of the shared
+:class:`~.hardening.ConcurrencyLimiter` (RESOURCE_EXHAUSTED when the queue is
+full, or the wait outlives the deadline) and runs until the earlier of the
+client's own gRPC deadline and ``--request-timeout`` (then DEADLINE_EXCEEDED).
+With an API key, every method but ServerLive and ServerReady needs the metadata
+``authorization: Bearer <key>`` (UNAUTHENTICATED otherwise). The thread pool has
+a thread for every slot and queue place plus a few for health and metadata, and
+grpcio refuses calls beyond that with RESOURCE_EXHAUSTED rather than queueing them.
+
 The generated messages register the ``inference.*`` protobuf names in
 protobuf's default pool, as tritonclient.grpc's do, so one Python process holds
 either this server or tritonclient's gRPC client, not both (their definitions
@@ -21,6 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from time import monotonic
 from typing import Any, NoReturn, TypeVar
 
 import grpc  # type: ignore[import-untyped]
@@ -30,7 +40,17 @@ from fedscale import __version__
 from fedscale.exceptions import LaunchError
 from fedscale.processes import join_address
 
+from .hardening import (
+    ApiKey,
+    ConcurrencyLimiter,
+    DeadlineExceeded,
+    Overloaded,
+    Unauthorized,
+    Watchdog,
+    run_with_deadline,
+)
 from .http_server import EXTENSIONS, Limits
+from .metrics import ServingMetrics
 from .proto import grpc_predict_v2_pb2 as pb
 from .proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from .protocol import (
@@ -44,7 +64,6 @@ from .protocol import (
     input_spec,
     output_names,
     resolve_model,
-    run_inference,
 )
 from .repository import LoadedModel, ModelRepository
 
@@ -54,10 +73,16 @@ log = logging.getLogger("fedscale.serving")
 
 _STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     415: grpc.StatusCode.INVALID_ARGUMENT,
+    503: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+_SERVICE = "/inference.GRPCInferenceService/"
+_OPEN_METHODS = frozenset({_SERVICE + "ServerLive", _SERVICE + "ServerReady"})
+_SPARE_THREADS = 4  # for health and metadata calls while every slot and queue place is taken
 
 # The typed field of InferTensorContents that carries each datatype (FP16: raw only).
 _CONTENTS_FIELD = {
@@ -153,6 +178,11 @@ def _guard(
         try:
             return method(self, request, context)
         except RequestError as err:
+            if self.metrics is not None:
+                if isinstance(err, Overloaded):
+                    self.metrics.rejected("grpc", "overloaded")
+                elif isinstance(err, DeadlineExceeded):
+                    self.metrics.rejected("grpc", "timeout")
             _abort(context, err)
         except Exception as err:
             log.exception("gRPC %s failed", method.__name__)
@@ -167,9 +197,19 @@ def _guard(
 class InferenceServicer:
     """``inference.GRPCInferenceService`` over a :class:`ModelRepository`."""
 
-    def __init__(self, repository: ModelRepository, limits: Limits):
+    def __init__(
+        self,
+        repository: ModelRepository,
+        limits: Limits,
+        limiter: ConcurrencyLimiter | None = None,
+        watchdog: Watchdog | None = None,
+        metrics: ServingMetrics | None = None,
+    ):
         self.repository = repository
         self.limits = limits
+        self.limiter = limiter or ConcurrencyLimiter(limits.max_concurrency, limits.max_queue)
+        self.watchdog = watchdog or Watchdog()
+        self.metrics = metrics
 
     def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:  # noqa: N802
         """Answer live: the process is serving."""
@@ -218,9 +258,19 @@ class InferenceServicer:
     @_guard
     def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:  # noqa: N802
         """Run the model; outputs go back as ``raw_output_contents``."""
+        started = monotonic()
+        timeout = self.limits.request_timeout
+        remaining = context.time_remaining()  # the client's deadline; None without one
+        if remaining is not None:
+            timeout = min(timeout, remaining)
+        deadline = started + timeout
         model = resolve_model(self.repository.current, request.model_name, request.model_version)
         parsed = parse_grpc_request(model, request, self.limits.max_batch)
-        results = run_inference(model, parsed)
+        self.limiter.acquire(deadline - monotonic())
+        try:
+            results = run_with_deadline(self.watchdog, model, parsed, deadline)
+        finally:
+            self.limiter.release()
         response = pb.ModelInferResponse(
             model_name=model.name, model_version=model.version, id=request.id
         )
@@ -235,19 +285,59 @@ class InferenceServicer:
         return response
 
 
+class _ApiKeyInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Refuse every call but the health checks unless it carries the API key."""
+
+    def __init__(self, key: ApiKey, metrics: ServingMetrics | None):
+        self.key = key
+        self.metrics = metrics
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        """Pass authorized calls (and health checks) on; answer the rest UNAUTHENTICATED."""
+        if details.method in _OPEN_METHODS:
+            return continuation(details)
+        header = None
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                header = value
+                break
+        try:
+            self.key.check(header, "the metadata 'authorization: Bearer <key>'")
+        except Unauthorized as err:
+            if self.metrics is not None:
+                self.metrics.rejected("grpc", "unauthorized")
+            message = err.message
+
+            def deny(request: Any, context: Any) -> None:
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+            return grpc.unary_unary_rpc_method_handler(deny)
+        return continuation(details)
+
+
 class GrpcServer:
     """grpcio's server with the inference service, on ``host:port``."""
 
-    def __init__(self, servicer: InferenceServicer, workers: int = 4):
-        max_message = servicer.limits.max_body_bytes
+    def __init__(
+        self,
+        servicer: InferenceServicer,
+        workers: int | None = None,
+        api_key: ApiKey | None = None,
+    ):
+        limits = servicer.limits
+        if workers is None:
+            workers = limits.max_concurrency + limits.max_queue + _SPARE_THREADS
         self._server: Any = grpc.server(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc-infer"),
+            interceptors=[_ApiKeyInterceptor(api_key, servicer.metrics)] if api_key else None,
             options=[
-                ("grpc.max_receive_message_length", max_message),
+                ("grpc.max_receive_message_length", limits.max_body_bytes),
                 ("grpc.max_send_message_length", -1),
                 # Refuse a port another process holds instead of sharing it silently.
                 ("grpc.so_reuseport", 0),
             ],
+            # Beyond one call per thread, refuse (RESOURCE_EXHAUSTED) instead of queueing.
+            maximum_concurrent_rpcs=workers,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)  # type: ignore[no-untyped-call]
 

@@ -2,7 +2,9 @@
 
 Inference requests are counted by model and HTTP status, their latency goes
 into one histogram, and every model load (the first included) counts as a
-reload, ``ok`` or ``refused``. The registry is the server's own, not
+reload, ``ok`` or ``refused``. Requests the server's protection refuses (overload,
+timeouts, a missing or wrong API key) are counted by protocol and reason, and a
+gauge shows the inferences running. The registry is the server's own, not
 prometheus-client's global one: one process may run several servers (tests).
 
 The request path stays cheap: a label set's child counter is looked up once and
@@ -21,11 +23,20 @@ from prometheus_client import (
     generate_latest,
 )
 
-__all__ = ["CONTENT_TYPE", "METRIC_NAMES", "UNKNOWN_MODEL", "ServingMetrics"]
+__all__ = [
+    "CONTENT_TYPE",
+    "METRIC_NAMES",
+    "REJECTION_REASONS",
+    "UNKNOWN_MODEL",
+    "ServingMetrics",
+]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST.encode()
 UNKNOWN_MODEL = "_unknown"
 """The model label of requests naming no loaded model: URLs must not mint label values."""
+
+REJECTION_REASONS = ("overloaded", "timeout", "unauthorized")
+"""Why the server itself refused a request (``fedscale_serving_rejections_total``)."""
 
 # A LeNet call is tens of microseconds; a large batch, seconds.
 _LATENCY_BUCKETS = (
@@ -52,6 +63,9 @@ METRIC_NAMES = frozenset(
         "fedscale_serving_request_duration_seconds",
         "fedscale_serving_model_version",
         "fedscale_serving_reloads_total",
+        "fedscale_serving_rejections_total",
+        "fedscale_serving_inflight",
+        "fedscale_serving_queued",
     }
 )
 
@@ -85,6 +99,27 @@ class ServingMetrics:
             ["result"],
             registry=self.registry,
         )
+        self._rejections = Counter(
+            "fedscale_serving_rejections",
+            "Requests refused by the server's own protection, by protocol (rest, grpc) and "
+            "reason: overloaded (503 / RESOURCE_EXHAUSTED), timeout (408 slow request, "
+            "504 / DEADLINE_EXCEEDED slow inference), unauthorized (401 / UNAUTHENTICATED).",
+            ["protocol", "reason"],
+            registry=self.registry,
+        )
+        for protocol in ("rest", "grpc"):  # every series exists from the start, at 0
+            for reason in REJECTION_REASONS:
+                self._rejections.labels(protocol=protocol, reason=reason)
+        self.inflight = Gauge(
+            "fedscale_serving_inflight",
+            "Inferences running now (REST and gRPC), out of --max-concurrency.",
+            registry=self.registry,
+        )
+        self.queued = Gauge(
+            "fedscale_serving_queued",
+            "Inference requests waiting for a slot now, out of --max-queue.",
+            registry=self.registry,
+        )
         self._children: dict[tuple[str, int], Counter] = {}
 
     def request(self, model: str, code: int, seconds: float) -> None:
@@ -95,6 +130,10 @@ class ServingMetrics:
             child = self._children[key] = self._requests.labels(model=model, code=str(code))
         child.inc()
         self.latency.observe(seconds)
+
+    def rejected(self, protocol: str, reason: str) -> None:
+        """Count one request refused for ``reason`` (one of :data:`REJECTION_REASONS`)."""
+        self._rejections.labels(protocol=protocol, reason=reason).inc()
 
     def loaded(self, model: str, version: str) -> None:
         """Record a model load that succeeded."""

@@ -418,15 +418,17 @@ def parse_json_request(
     return InferRequest(id=request_id, feeds=feeds, outputs=list(names), binary=binary)
 
 
-def run_inference(model: LoadedModel, request: InferRequest) -> list[np.ndarray]:
-    """Run ``model`` on a validated request.
+def run_inference(
+    model: LoadedModel, request: InferRequest, run_options: Any = None
+) -> list[np.ndarray]:
+    """Run ``model`` on a validated request (``run_options``: onnxruntime's RunOptions).
 
     onnxruntime's own input checks (INVALID_ARGUMENT) still report a request
     problem, so they become 400 too; any other failure propagates as a server
     error.
     """
     try:
-        return model.run(request.feeds, request.outputs)
+        return model.run(request.feeds, request.outputs, run_options)
     except Exception as err:
         if type(err).__name__ == "InvalidArgument":
             raise RequestError(400, f"the model refused the inputs: {err}") from None

@@ -99,6 +99,7 @@ class LoadedModel:
         "input_dtypes",
         "output_names",
         "batch_inputs",
+        "cost_s",
         "_session",
     )
 
@@ -116,6 +117,9 @@ class LoadedModel:
         self.output_names: list[str] = [t.name for t in manifest.outputs]
         # Inputs whose first axis is dynamic: that axis is the batch --max-batch limits.
         self.batch_inputs = frozenset(t.name for t in manifest.inputs if t.shape[:1] == (-1,))
+        # Seconds a run takes, a moving average; the REST server runs a model this cheap
+        # inline in its event loop. Unknown (inf) until the first run is timed.
+        self.cost_s = float("inf")
         self._session = session
 
     @classmethod
@@ -133,9 +137,17 @@ class LoadedModel:
         _check_against_manifest(session, manifest)
         return cls(manifest, session)
 
-    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
-        """Run the model on validated ``feeds`` and return the ``outputs`` asked for."""
-        result: list[np.ndarray] = self._session.run(list(outputs), dict(feeds))
+    def run(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        run_options: ort.RunOptions | None = None,
+    ) -> list[np.ndarray]:
+        """Run the model on validated ``feeds`` and return the ``outputs`` asked for.
+
+        ``run_options`` lets a watchdog stop the run (its ``terminate`` flag).
+        """
+        result: list[np.ndarray] = self._session.run(list(outputs), dict(feeds), run_options)
         return result
 
     def metadata(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any
 from fedscale.exceptions import ConfigError, LaunchError
 from fedscale.processes import join_address
 
+from .hardening import ApiKey, ConcurrencyLimiter, Watchdog
 from .http_server import HttpApp, HttpServer, Limits
 from .metrics import ServingMetrics
 from .pull import ModelPuller
@@ -46,6 +47,7 @@ class ServeOptions:
     session: SessionSettings = field(default_factory=SessionSettings)
     limits: Limits = field(default_factory=Limits)
     poll_interval: float = 0.5
+    api_key: ApiKey | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("http_port", "grpc_port"):
@@ -67,6 +69,19 @@ class ServeOptions:
             raise ConfigError(
                 f"--max-body-bytes: expected at least 1024, got {self.limits.max_body_bytes}"
             )
+        for name, low in (("request_timeout", 0.01), ("idle_timeout", 0.01)):
+            value = getattr(self.limits, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < low:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')}: expected seconds >= {low:g}, got {value!r}"
+                )
+        for name, low in (("max_concurrency", 1), ("max_queue", 0)):
+            value = getattr(self.limits, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 4096:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')}: expected a whole number in [{low}, 4096], "
+                    f"got {value!r}"
+                )
 
 
 class ModelServer:
@@ -81,6 +96,11 @@ class ModelServer:
             if options.model_url
             else None
         )
+        limits = options.limits
+        # One limiter for REST and gRPC: --max-concurrency bounds the process, not a port.
+        self.limiter = ConcurrencyLimiter(limits.max_concurrency, limits.max_queue)
+        self.metrics.inflight.set_function(lambda: self.limiter.active)
+        self.metrics.queued.set_function(lambda: self.limiter.waiting)
         self.http_port = 0
         self.grpc_port = 0
         self._stop = threading.Event()
@@ -146,9 +166,13 @@ class ModelServer:
         options = self.options
         http: HttpServer | None = None
         grpc_server: Any = None
+        watchdog = Watchdog()
+        app = HttpApp(
+            self.repository, options.limits, self.metrics, options.api_key, self.limiter, watchdog
+        )
         try:
             self.repository.poll()  # serve at once what is already there
-            http = HttpServer(HttpApp(self.repository, options.limits, self.metrics), loop)
+            http = HttpServer(app, loop)
             try:
                 self.http_port = await http.start(options.host, options.http_port)
             except OSError as err:
@@ -160,7 +184,10 @@ class ModelServer:
                 # Imported only when asked for: grpcio and the protobuf messages.
                 from .grpc_server import GrpcServer, InferenceServicer
 
-                grpc_server = GrpcServer(InferenceServicer(self.repository, options.limits))
+                servicer = InferenceServicer(
+                    self.repository, options.limits, self.limiter, watchdog, self.metrics
+                )
+                grpc_server = GrpcServer(servicer, api_key=options.api_key)
                 self.grpc_port = grpc_server.start(options.host, options.grpc_port)
             self._watcher = threading.Thread(
                 target=self._watch, name="fedscale-model-watcher", daemon=True
@@ -178,6 +205,8 @@ class ModelServer:
             self._started.set()
             if http is not None:
                 await http.close()
+            await loop.run_in_executor(None, app.close)
+            watchdog.close()
             raise
         self._started.set()
         if on_ready is not None:
@@ -188,8 +217,12 @@ class ModelServer:
             log.info("stopping")
             self._stop.set()
             await http.close()
+            watchdog.terminate_all()  # inferences in flight end now, not at their deadline
             if grpc_server is not None:
                 await loop.run_in_executor(None, grpc_server.stop)
+                watchdog.terminate_all()  # and gRPC calls that started meanwhile
+            await loop.run_in_executor(None, app.close)
+            watchdog.close()
             if self._watcher is not None:
                 await loop.run_in_executor(None, self._watcher.join, 10.0)
             if signals:

@@ -86,6 +86,76 @@ def two_input_model() -> tuple[bytes, tuple[TensorSpec, ...], tuple[TensorSpec, 
     return model.SerializeToString(), inputs, outputs
 
 
+@functools.cache
+def slow_model() -> tuple[bytes, tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """`y = tanh(y @ W)` repeated `steps` times on `x` (FP32 [-1, 64]; `steps` INT64 [1]).
+
+    A real model whose cost the request chooses: a huge `steps` runs until something
+    stops it (the server's deadline), so tests hold inference slots without mocks.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    weights = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32) * 0.1
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["y_in", "W"], ["product"]),
+            helper.make_node("Tanh", ["product"], ["y_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "step",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("y_in", TensorProto.FLOAT, ["batch", 64]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("y_out", TensorProto.FLOAT, ["batch", 64]),
+        ],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Squeeze", ["steps"], ["trips"]),
+            helper.make_node("Loop", ["trips", "", "x"], ["y"], body=body),
+        ],
+        "slow",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64]),
+            helper.make_tensor_value_info("steps", TensorProto.INT64, [1]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor("W", TensorProto.FLOAT, [64, 64], weights.ravel().tolist())],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    inputs = (TensorSpec("x", "FP32", (-1, 64)), TensorSpec("steps", "INT64", (1,)))
+    outputs = (TensorSpec("y", "FP32", (-1, 64)),)
+    return model.SerializeToString(), inputs, outputs
+
+
+def publish_slow(directory: Path, server_round: int = 1) -> Any:
+    model, inputs, outputs = slow_model()
+    return ModelDirectory(directory).publish(
+        model, server_round=server_round, opset=17, inputs=inputs, outputs=outputs
+    )
+
+
+def slow_request(steps: int) -> bytes:
+    """A JSON inference request for `slow_model` running `steps` steps."""
+    import json
+
+    return json.dumps(
+        {
+            "inputs": [
+                {"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64},
+                {"name": "steps", "shape": [1], "datatype": "INT64", "data": [steps]},
+            ]
+        }
+    ).encode()
+
+
 def publish_export(directory: Path, exported: Any, server_round: int, keep: int = 5) -> Any:
     return ModelDirectory(directory).publish(
         exported.model,
@@ -139,6 +209,7 @@ class ServeProcess:
         *extra: str,
         grpc: bool = True,
         argv: Sequence[str] | None = None,
+        env: dict[str, str] | None = None,
     ):
         self.log_file = log_file
         self.grpc_port = free_port() if grpc else 0
@@ -157,7 +228,7 @@ class ServeProcess:
                 stdout=subprocess.PIPE,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
-                env=serve_env(),
+                env={**serve_env(), **(env or {})},
                 start_new_session=True,
             )
         self._reader = threading.Thread(target=self._read, daemon=True)
