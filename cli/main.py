@@ -495,6 +495,13 @@ def edge_client(
     serve_host: Annotated[
         str, typer.Option(help="With --serve-port: the address to serve on.")
     ] = "127.0.0.1",
+    serve_arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="With --serve-port: one more option for the fedscale serve it runs, "
+            "e.g. --serve-arg=--api-key-file=/etc/fedscale/key (repeatable)."
+        ),
+    ] = None,
     warm: Annotated[
         bool,
         typer.Option(
@@ -521,6 +528,7 @@ def edge_client(
                 serve_port=serve_port,
                 serve_grpc_port=serve_grpc_port,
                 serve_host=serve_host,
+                serve_args=tuple(serve_arg or ()),
                 warm=warm,
             )
         except _Terminated:

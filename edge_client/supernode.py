@@ -69,6 +69,8 @@ MODEL_DIR = "model-dir"
 # The SuperNode's Runtime API listens here (flower-supernode --host's default).
 RUNTIME_HOST = "127.0.0.1"
 SUPERNODE = "flower-supernode"
+# fedscale serve options edge-client sets itself (from --model-dir and --serve-*).
+_SERVE_OWN = frozenset({"--model-dir", "--host", "--http-port", "--grpc-port", "--model-url"})
 # Longest wait before a SuperNode the server dropped joins again (doubling from 1 s).
 REJOIN_MAX_DELAY = 30.0
 
@@ -94,6 +96,8 @@ class EdgeClientOptions:
     serve_port: int | None = None
     serve_grpc_port: int = 0
     serve_host: str = "127.0.0.1"
+    serve_args: tuple[str, ...] = ()
+    """More options for ``fedscale serve`` (``--api-key-file=PATH``, ``--max-concurrency=N``)."""
     root_certificates: str | None = None
     """The server's CA certificate: connect over TLS and trust that CA."""
     auth_key: str | None = None
@@ -161,7 +165,20 @@ class EdgeClientOptions:
                     f"--serve-grpc-port: expected --serve-port too, got only "
                     f"--serve-grpc-port {self.serve_grpc_port}"
                 )
+            if self.serve_args:
+                raise ConfigError(
+                    f"--serve-arg: expected --serve-port too, got only --serve-arg "
+                    f"{self.serve_args[0]}"
+                )
             return
+        for arg in self.serve_args:
+            # Options only, each one token: --name=value. A bare value or another
+            # command would change what the device runs, not how it serves.
+            if not arg.startswith("--") or arg.split("=", 1)[0] in _SERVE_OWN:
+                raise ConfigError(
+                    f"--serve-arg: expected a fedscale serve option as --name=value other "
+                    f"than {', '.join(sorted(_SERVE_OWN))} (set by edge-client itself), got {arg!r}"
+                )
         if self.model_dir is None:
             raise ConfigError(
                 f"--serve-port: expected --model-dir DIR to serve, got --serve-port "
@@ -257,6 +274,7 @@ def serve_argv(options: EdgeClientOptions) -> list[str]:
         str(options.serve_port),
         "--grpc-port",
         str(options.serve_grpc_port),
+        *options.serve_args,
     ]
 
 

@@ -73,9 +73,28 @@ def test_not_warm_is_flowers_default_supernode_alone():
     assert "--isolation" not in supernode_argv(options)
 
 
+def test_serve_args_reach_the_fedscale_serve_command_line(tmp_path):
+    options = _options(
+        model_dir=str(tmp_path / "models"),
+        serve_port=8500,
+        serve_args=("--api-key-file=/etc/key", "--max-concurrency=8"),
+    )
+    serve = next(c for c in edge_client_children(options, 1) if c.name == "fedscale serve").argv
+    assert serve[-2:] == ["--api-key-file=/etc/key", "--max-concurrency=8"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
+        ({"serve_args": ("--max-concurrency=8",)}, r"--serve-arg: expected --serve-port too"),
+        (
+            {"model_dir": "M", "serve_port": 8500, "serve_args": ("--model-dir=/other",)},
+            r"--serve-arg: expected a fedscale serve option as --name=value other than",
+        ),
+        (
+            {"model_dir": "M", "serve_port": 8500, "serve_args": ("rm",)},
+            r"got 'rm'",
+        ),
         ({"serve_port": 8500}, r"--serve-port: expected --model-dir DIR to serve"),
         ({"serve_grpc_port": 8501}, r"--serve-grpc-port: expected --serve-port too"),
         ({"model_dir": "M", "serve_port": 70000}, r"--serve-port: expected 1-65535, got 70000"),
@@ -158,7 +177,7 @@ def superlink(tmp_path):
         stop(process)
 
 
-def _start_edge_client(tmp_path: Path, superlink_port: int, env: dict[str, str]):
+def _start_edge_client(tmp_path: Path, superlink_port: int, env: dict[str, str], *extra: str):
     http, grpc = free_port(), free_port()
     log = tmp_path / "edge-client.log"
     process = start(
@@ -179,6 +198,7 @@ def _start_edge_client(tmp_path: Path, superlink_port: int, env: dict[str, str])
             str(http),
             "--serve-grpc-port",
             str(grpc),
+            *extra,
         ],
         log_file=log,
         env=env,
@@ -229,5 +249,35 @@ def test_a_child_that_dies_stops_the_others_and_is_named(tmp_path, superlink):
         f"fedscale serve (pid {pids['fedscale serve']}) exited with code -9; "
         "stopping flower-supernode, warm SuperExec" in text
     ), text
+    left = {name: pid for name, pid in pids.items() if _running(pid)}
+    assert not left, left
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_serve_arg_turns_on_the_api_key_of_the_served_model(tmp_path, superlink):
+    import http.client
+
+    port, env = superlink
+    key = tmp_path / "key"
+    key.write_text("s3cret-device-key\n")
+    process, pids, log, (http_port, _) = _start_edge_client(
+        tmp_path, port, env, f"--serve-arg=--api-key-file={key}"
+    )
+
+    def status(path: str, headers: dict[str, str]) -> int:
+        connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=10)
+        try:
+            connection.request("GET", path, headers=headers)
+            return connection.getresponse().status
+        finally:
+            connection.close()
+
+    try:
+        assert status("/v2/health/live", {}) == 200, "health stays open"
+        assert status("/v2", {}) == 401
+        assert status("/v2", {"Authorization": "Bearer s3cret-device-key"}) == 200
+    finally:
+        stop(process)
     left = {name: pid for name, pid in pids.items() if _running(pid)}
     assert not left, left
