@@ -50,7 +50,7 @@ from .hardening import (
     run_with_deadline,
 )
 from .http_server import EXTENSIONS, Limits
-from .metrics import ServingMetrics
+from .metrics import UNKNOWN_MODEL, ServingMetrics
 from .proto import grpc_predict_v2_pb2 as pb
 from .proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from .protocol import (
@@ -175,9 +175,12 @@ def _guard(
     """Turn refusals into gRPC status codes, and bugs into INTERNAL with a log line."""
 
     def wrapped(self: InferenceServicer, request: _Req, context: Any) -> _Resp:
+        started = monotonic()
+        code = grpc.StatusCode.OK
         try:
             return method(self, request, context)
         except RequestError as err:
+            code = _STATUS.get(err.status, grpc.StatusCode.INVALID_ARGUMENT)
             if self.metrics is not None:
                 if isinstance(err, Overloaded):
                     self.metrics.rejected("grpc", "overloaded")
@@ -185,9 +188,13 @@ def _guard(
                     self.metrics.rejected("grpc", "timeout")
             _abort(context, err)
         except Exception as err:
+            code = grpc.StatusCode.INTERNAL
             log.exception("gRPC %s failed", method.__name__)
             context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
             raise  # pragma: no cover - abort raised
+        finally:
+            if self.metrics is not None and method.__name__ == "ModelInfer":
+                self._count(request, code, monotonic() - started)
 
     wrapped.__name__ = method.__name__
     wrapped.__doc__ = method.__doc__
@@ -210,6 +217,13 @@ class InferenceServicer:
         self.limiter = limiter or ConcurrencyLimiter(limits.max_concurrency, limits.max_queue)
         self.watchdog = watchdog or Watchdog()
         self.metrics = metrics
+
+    def _count(self, request: Any, code: grpc.StatusCode, seconds: float) -> None:
+        assert self.metrics is not None
+        current = self.repository.current
+        name = getattr(request, "model_name", "")
+        model = name if current is not None and name == current.name else UNKNOWN_MODEL
+        self.metrics.grpc_request(model, code.name, seconds)
 
     def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:  # noqa: N802
         """Answer live: the process is serving."""

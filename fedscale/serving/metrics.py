@@ -61,6 +61,8 @@ METRIC_NAMES = frozenset(
     {
         "fedscale_serving_requests_total",
         "fedscale_serving_request_duration_seconds",
+        "fedscale_serving_grpc_requests_total",
+        "fedscale_serving_grpc_request_duration_seconds",
         "fedscale_serving_model_version",
         "fedscale_serving_reloads_total",
         "fedscale_serving_rejections_total",
@@ -84,6 +86,20 @@ class ServingMetrics:
         self.latency = Histogram(
             "fedscale_serving_request_duration_seconds",
             "Seconds from a parsed inference request to its response (REST).",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        # gRPC gets its own pair: its status codes are not HTTP's (grpc_code, as
+        # gRPC's own Prometheus interceptors name the label).
+        self._grpc_requests = Counter(
+            "fedscale_serving_grpc_requests",
+            "gRPC ModelInfer calls by model and gRPC status code.",
+            ["model", "grpc_code"],
+            registry=self.registry,
+        )
+        self.grpc_latency = Histogram(
+            "fedscale_serving_grpc_request_duration_seconds",
+            "Seconds from a ModelInfer call's arrival to its response (gRPC).",
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -121,6 +137,7 @@ class ServingMetrics:
             registry=self.registry,
         )
         self._children: dict[tuple[str, int], Counter] = {}
+        self._grpc_children: dict[tuple[str, str], Counter] = {}
 
     def request(self, model: str, code: int, seconds: float) -> None:
         """Count one inference request and observe its latency."""
@@ -130,6 +147,17 @@ class ServingMetrics:
             child = self._children[key] = self._requests.labels(model=model, code=str(code))
         child.inc()
         self.latency.observe(seconds)
+
+    def grpc_request(self, model: str, grpc_code: str, seconds: float) -> None:
+        """Count one gRPC inference call (``grpc_code``: ``OK``, ``INVALID_ARGUMENT``, ...)."""
+        key = (model, grpc_code)
+        child = self._grpc_children.get(key)
+        if child is None:
+            child = self._grpc_children[key] = self._grpc_requests.labels(
+                model=model, grpc_code=grpc_code
+            )
+        child.inc()
+        self.grpc_latency.observe(seconds)
 
     def rejected(self, protocol: str, reason: str) -> None:
         """Count one request refused for ``reason`` (one of :data:`REJECTION_REASONS`)."""

@@ -14,6 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 from prometheus_client import generate_latest
@@ -167,6 +168,7 @@ def test_every_dashboard_query_names_an_exported_metric():
     server, serving = ServerMetrics(), ServingMetrics()
     update_from_round(server, _row(1, clients_dropped=1, seconds=1.0))
     serving.request("m", 200, 0.001)
+    serving.grpc_request("m", "OK", 0.001)
     serving.loaded("m", "1")
     serving.refused()
     produced = set()
@@ -196,7 +198,10 @@ def test_serve_metrics_count_requests_by_status(tmp_path):
         }
     )
     served = ModelDirectory(models).read_manifest().name
-    with ServeProcess(models, tmp_path / "serve.log", grpc=False) as server:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    with ServeProcess(models, tmp_path / "serve.log") as server:
         codes = []
         for _ in range(5):
             codes.append(request(server.http_url, "POST", f"/v2/models/{served}/infer", good)[0])
@@ -204,6 +209,18 @@ def test_serve_metrics_count_requests_by_status(tmp_path):
             codes.append(request(server.http_url, "POST", f"/v2/models/{served}/infer", b"{no")[0])
         codes.append(request(server.http_url, "POST", "/v2/models/nope/infer", good)[0])
         assert codes == [200] * 5 + [400] * 3 + [404]
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        grpc_codes = []
+        for model, array in [(served, x)] * 3 + [("nope", x), (served, x[..., :-1])]:
+            given = grpcclient.InferInput(name, list(array.shape), "FP32")
+            given.set_data_from_numpy(np.ascontiguousarray(array))
+            try:
+                client.infer(model, [given])
+                grpc_codes.append("OK")
+            except InferenceServerException as err:
+                grpc_codes.append(str(err.status()).removeprefix("StatusCode."))
+        client.close()
+        assert grpc_codes == ["OK"] * 3 + ["NOT_FOUND", "INVALID_ARGUMENT"]
         got = samples(scrape("127.0.0.1", server.http_port))
     requests = {
         dict(labels)["model"] + ":" + dict(labels)["code"]: value
@@ -212,6 +229,17 @@ def test_serve_metrics_count_requests_by_status(tmp_path):
     }
     assert requests == {f"{served}:200": 5, f"{served}:400": 3, "_unknown:404": 1}
     assert got[("fedscale_serving_request_duration_seconds_count", ())] == 9
+    grpc_requests = {
+        dict(labels)["model"] + ":" + dict(labels)["grpc_code"]: value
+        for (metric, labels), value in got.items()
+        if metric == "fedscale_serving_grpc_requests_total"
+    }
+    assert grpc_requests == {
+        f"{served}:OK": 3,
+        "_unknown:NOT_FOUND": 1,
+        f"{served}:INVALID_ARGUMENT": 1,
+    }
+    assert got[("fedscale_serving_grpc_request_duration_seconds_count", ())] == 5
     assert got[("fedscale_serving_model_version", (("model", served),))] == 4
     assert got[("fedscale_serving_reloads_total", (("result", "ok"),))] == 1
 
