@@ -97,7 +97,8 @@ StrategyOpt = Annotated[
     str,
     typer.Option(
         help="Flower's fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, qfedavg, "
-        "fedmedian, fedtrimmedavg, krum, multikrum or bulyan."
+        "fedmedian, fedtrimmedavg, krum, multikrum or bulyan; or fedscale's asynchronous "
+        "fedbuff (docs/fedbuff.md)."
     ),
 ]
 StrategyArgs = Annotated[
@@ -149,6 +150,48 @@ DpClipLr = Annotated[float, typer.Option(help="Adaptive --dp: learning rate of t
 DpCountStd = Annotated[
     float,
     typer.Option(help="Adaptive --dp: noise on the clipped count (0: max(per-round/20, noise))."),
+]
+# Update compression (fedscale.compression, docs/compression.md).
+CompressionOpt = Annotated[
+    str,
+    typer.Option(
+        help="Send client updates compressed: fp16, int8 (per-tensor scale) or topk:<fraction> "
+        "(error feedback on the client); '' for none."
+    ),
+]
+
+# Secure aggregation with Flower's SecAgg+ (fedscale.server.secagg, docs/secagg.md).
+SecAggOpt = Annotated[
+    bool,
+    typer.Option(
+        "--secagg/--no-secagg",
+        help="Secure aggregation with Flower's SecAgg+: the server sees only the sum of a "
+        "round's updates (FedAvg; see docs/secagg.md for what does not combine).",
+    ),
+]
+SecAggShares = Annotated[
+    float,
+    typer.Option(
+        help="With --secagg: shares of each client's secrets, a whole number >= 3 or a "
+        "fraction of the round's clients."
+    ),
+]
+SecAggThreshold = Annotated[
+    float,
+    typer.Option(
+        help="With --secagg: shares that recover a secret (a dropped client's masks), a whole "
+        "number >= 2 below --secagg-num-shares or a fraction of them."
+    ),
+]
+SecAggClip = Annotated[
+    float,
+    typer.Option(help="With --secagg: weighted update entries are clipped to [-this, this]."),
+]
+SecAggQuantization = Annotated[
+    int, typer.Option(help="With --secagg: quantization levels over the clipping range.")
+]
+SecAggMaxWeight = Annotated[
+    float, typer.Option(help="With --secagg: the most examples one update is weighted by.")
 ]
 
 
@@ -245,6 +288,13 @@ def simulate(
     dp_target_quantile: DpQuantile = _D.dp_target_quantile,
     dp_clip_lr: DpClipLr = _D.dp_clip_lr,
     dp_clipped_count_stddev: DpCountStd = _D.dp_clipped_count_stddev,
+    compression: CompressionOpt = _D.compression,
+    secagg: SecAggOpt = _D.secagg,
+    secagg_num_shares: SecAggShares = _D.secagg_num_shares,
+    secagg_reconstruction_threshold: SecAggThreshold = _D.secagg_reconstruction_threshold,
+    secagg_clipping_range: SecAggClip = _D.secagg_clipping_range,
+    secagg_quantization_range: SecAggQuantization = _D.secagg_quantization_range,
+    secagg_max_weight: SecAggMaxWeight = _D.secagg_max_weight,
     fast_path: Annotated[
         bool,
         typer.Option(
@@ -384,6 +434,13 @@ def server(
     dp_target_quantile: DpQuantile = _D.dp_target_quantile,
     dp_clip_lr: DpClipLr = _D.dp_clip_lr,
     dp_clipped_count_stddev: DpCountStd = _D.dp_clipped_count_stddev,
+    compression: CompressionOpt = _D.compression,
+    secagg: SecAggOpt = _D.secagg,
+    secagg_num_shares: SecAggShares = _D.secagg_num_shares,
+    secagg_reconstruction_threshold: SecAggThreshold = _D.secagg_reconstruction_threshold,
+    secagg_clipping_range: SecAggClip = _D.secagg_clipping_range,
+    secagg_quantization_range: SecAggQuantization = _D.secagg_quantization_range,
+    secagg_max_weight: SecAggMaxWeight = _D.secagg_max_weight,
     round_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for replies (and for SuperNodes).")
     ] = _D.round_timeout,

@@ -361,9 +361,9 @@ def _models() -> list[str]:
 
 
 def _strategies() -> list[str]:
-    from fedscale.server.strategies import STRATEGIES
+    from fedscale.server.strategies import ASYNC_STRATEGIES, STRATEGIES
 
-    return list(STRATEGIES)
+    return [*STRATEGIES, *ASYNC_STRATEGIES]
 
 
 def _partitions() -> list[str]:

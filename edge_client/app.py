@@ -19,7 +19,8 @@ instead of the honest one, after training, on every runtime alike.
 
 A run with client-side differential privacy (``dp`` client-fixed, client-adaptive
 or local) clips (and with local DP, noises) every train reply in Flower's mods
-before it leaves the node (:func:`fedscale.privacy.privacy_mod`).
+before it leaves the node (:func:`fedscale.privacy.privacy_mod`). A run with
+``compression`` then sends the update encoded (:func:`fedscale.compression.compression_mod`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from fedscale.attacks import Attack, apply_attack, is_byzantine
+from fedscale.compression import compression_mod
 from fedscale.exceptions import ConfigError, DataError, FedscaleError, RecordError
 from fedscale.models import build_model
 from fedscale.node_data import NodeData, node_data, node_device_name
@@ -49,6 +51,8 @@ from fedscale.privacy import privacy_mod
 from fedscale.records import arrays_to_state_dict, load_arrays_into, state_dict_to_arrays
 from fedscale.settings import RunSettings
 from fedscale.training import evaluate, resolve_device, shuffle_seed, train
+
+from .secagg import secagg_mod
 
 if TYPE_CHECKING:
     from fedscale.export import OnnxExporter
@@ -67,7 +71,11 @@ app = ClientApp()
 
 # The run's client-side differential privacy (dp client-fixed, client-adaptive,
 # local), if any: Flower's mods, switched per run by the run config.
-@app.train(mods=[privacy_mod])
+# A secagg run's train messages go through Flower's SecAgg+ mod first (.secagg), so
+# client-side DP acts on the plain update before SecAgg+ masks it.
+# A run with compression encodes the reply's update after the DP mod has clipped
+# (and noised) it (fedscale.compression; refused together with secagg).
+@app.train(mods=[secagg_mod, compression_mod, privacy_mod])
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the received global model for the configured local epochs."""
     settings, config, data, device, model = _prepare(msg, context)

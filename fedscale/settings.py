@@ -17,6 +17,7 @@ from functools import lru_cache
 from typing import Any
 
 from .attacks import Attack
+from .compression import check_compression_settings
 from .devices import BUILTIN_MIXES
 from .exceptions import ConfigError
 from .partition import parse_scheme
@@ -83,6 +84,13 @@ class RunSettings:
     dp_target_quantile: float = 0.5
     dp_clip_lr: float = 0.2
     dp_clipped_count_stddev: float = 0.0
+    compression: str = ""
+    secagg: bool = False
+    secagg_num_shares: float = 3.0
+    secagg_reconstruction_threshold: float = 2.0
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 4194304
+    secagg_max_weight: float = 1000.0
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -144,6 +152,8 @@ class RunSettings:
         _check_simulated_system(self)
         _check_strategy_and_attack(self)
         check_privacy_settings(self)
+        check_compression_settings(self)
+        _check_secagg(self)
         parse_scheme(self.partition)
         parse_device_name(self.device)
 
@@ -242,6 +252,13 @@ _FIELD_TYPES: dict[str, type] = {
     "dp_target_quantile": float,
     "dp_clip_lr": float,
     "dp_clipped_count_stddev": float,
+    "compression": str,
+    "secagg": bool,
+    "secagg_num_shares": float,
+    "secagg_reconstruction_threshold": float,
+    "secagg_clipping_range": float,
+    "secagg_quantization_range": int,
+    "secagg_max_weight": float,
 }
 
 
@@ -352,3 +369,104 @@ def _check_strategy_and_attack(s: RunSettings) -> None:
             f"a fraction > 0 of the clients to make Byzantine with attack {s.attack!r}",
             s.attack_fraction,
         )
+
+
+# Flower's SecAgg+ samples its masks below this modulus (SecAggPlusWorkflow's largest).
+SECAGG_MODULUS = 2**32
+_SECAGG_DEFAULTS = {
+    "secagg_num_shares": 3.0,
+    "secagg_reconstruction_threshold": 2.0,
+    "secagg_clipping_range": 8.0,
+    "secagg_quantization_range": 4194304,
+    "secagg_max_weight": 1000.0,
+}
+
+
+def _check_secagg(s: RunSettings) -> None:
+    """Check SecAgg+'s settings, and refuse what does not combine with it (docs/secagg.md).
+
+    With SecAgg+ the server only ever holds the masked sum of a round's updates,
+    so everything that needs an individual update on the server, and everything
+    fedscale's own round loop does that Flower's legacy workflow does not, is
+    refused here instead of silently doing nothing.
+    """
+    if not s.secagg:
+        # A secagg-* value without secagg would silently do nothing.
+        for name, default in _SECAGG_DEFAULTS.items():
+            value = getattr(s, name)
+            _check(value == default, _key(name), f"{default!r} unless secagg is true", value)
+        return
+    _check(
+        s.clients_per_round >= 3,
+        "clients-per-round",
+        "at least 3 with secagg (with 2, each client could subtract its own update from the sum)",
+        s.clients_per_round,
+    )
+    shares, threshold = s.secagg_num_shares, s.secagg_reconstruction_threshold
+    _check(
+        0 < shares <= 1 or (shares >= 3 and shares == int(shares)),
+        "secagg-num-shares",
+        "a fraction in (0, 1] of the round's clients, or a whole number >= 3",
+        shares,
+    )
+    _check(
+        0 < threshold <= 1 or (threshold >= 2 and threshold == int(threshold)),
+        "secagg-reconstruction-threshold",
+        "a fraction in (0, 1] of the shares, or a whole number >= 2",
+        threshold,
+    )
+    if shares > 1:
+        _check(
+            threshold < shares,
+            "secagg-reconstruction-threshold",
+            f"fewer shares than secagg-num-shares ({shares:g})",
+            threshold,
+        )
+        _check(
+            shares <= s.clients_per_round,
+            "secagg-num-shares",
+            f"at most clients-per-round ({s.clients_per_round})",
+            shares,
+        )
+    _check(
+        0 < s.secagg_clipping_range < math.inf,
+        "secagg-clipping-range",
+        "a number > 0 (updates are clipped to [-range, range] before quantization)",
+        s.secagg_clipping_range,
+    )
+    _check(
+        0 < s.secagg_quantization_range < SECAGG_MODULUS,
+        "secagg-quantization-range",
+        f"an integer in [1, {SECAGG_MODULUS - 1}]",
+        s.secagg_quantization_range,
+    )
+    _check(
+        0 < s.secagg_max_weight < math.inf,
+        "secagg-max-weight",
+        "a number > 0 (the most examples one update is weighted by)",
+        s.secagg_max_weight,
+    )
+    # The masked sum of the round's quantized updates must not wrap around the modulus.
+    most = SECAGG_MODULUS // s.secagg_quantization_range - 1
+    _check(
+        s.clients_per_round <= most,
+        "clients-per-round",
+        f"at most {most} with secagg-quantization-range {s.secagg_quantization_range} "
+        f"(the sum of the round's quantized updates must stay below 2**32)",
+        s.clients_per_round,
+    )
+    refused = (
+        (s.strategy == "fedavg", "strategy", "fedavg (SecAgg+ sums; only FedAvg averages a sum)"),
+        (s.strategy_args == "", "strategy-args", "'' (Flower's legacy FedAvg runs SecAgg+)"),
+        (s.dp in ("", "local"), "dp", "'' or local (central DP needs each update on the server)"),
+        (s.device_mix == "", "device-mix", "'' (the virtual clock runs fedscale's own round loop)"),
+        (not s.resume, "resume", "false (a SecAgg+ run cannot be resumed)"),
+        (s.compression == "", "compression", "'' (SecAgg+ sends its own quantized integers)"),
+        (
+            s.fraction_evaluate == 0,
+            "fraction-evaluate",
+            "0 (SecAgg+ runs server-side evaluation only)",
+        ),
+    )
+    for ok, key, expected in refused:
+        _check(ok, key, f"{expected} with secagg", getattr(s, key.replace("-", "_")))

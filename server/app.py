@@ -28,7 +28,20 @@ def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config."""
     settings = RunSettings.from_run_config(context.run_config, complete=True)
     _log_to_console_unless_configured()
-    run_federation(grid, settings, out=settings.out or default_run_dir(settings))
+    out = settings.out or default_run_dir(settings)
+    if settings.secagg:
+        # SecAgg+ exists only on Flower's legacy workflow: its one adapter (docs/secagg.md).
+        from .secagg import run_secagg_federation
+
+        run_secagg_federation(grid, context, settings, out=out)
+        return
+    if settings.strategy == "fedbuff":
+        # Asynchronous: a loop of its own on the Grid's push and pull (docs/fedbuff.md).
+        from .fedbuff import run_fedbuff
+
+        run_fedbuff(grid, settings, out=out)
+        return
+    run_federation(grid, settings, out=out)
 
 
 def _log_to_console_unless_configured() -> None:

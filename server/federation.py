@@ -43,6 +43,7 @@ from fedscale.checkpoint import (
     rng_state,
 )
 from fedscale.clock import DropReason, RoundTiming
+from fedscale.compression import decode_replies, update_bytes
 from fedscale.datasets import load_dataset
 from fedscale.exceptions import ConfigError, ExportError, LaunchError, ModelStoreError
 from fedscale.models import build_model
@@ -78,7 +79,16 @@ __all__ = [
     "RoundPlanView",
     "ServerData",
     "SimulatedSystemView",
+    "arrays_like",
     "default_strategy",
+    "emit",
+    "evaluate_global",
+    "make_exporter",
+    "numpy_arrays",
+    "publish",
+    "published_round",
+    "resume_run",
+    "round_record",
     "run_federation",
     "server_data",
     "size_for_round",
@@ -280,10 +290,10 @@ def run_federation(
     run_dir = RunDirectory(out)
     run_config = settings.replace(out=str(run_dir.path)).to_run_config()
     fingerprint = config_hash(run_config)
-    exporter = _exporter(settings, dataset)
+    exporter = make_exporter(settings, dataset)
     system = _system(grid)
 
-    resumed = _resume(run_dir, run_config, strategy, system) if settings.resume else None
+    resumed = resume_run(run_dir, run_config, strategy, system) if settings.resume else None
     if resumed is None:
         run_dir.create()
     run_dir.write_config(run_config)
@@ -318,7 +328,7 @@ def run_federation(
             Checkpoint(
                 round=server_round,
                 config_hash=fingerprint,
-                global_arrays=_numpy(arrays),
+                global_arrays=numpy_arrays(arrays),
                 record=record.to_json(),
                 strategy_meta=strategy_meta,
                 strategy_arrays=strategy_arrays,
@@ -332,32 +342,32 @@ def run_federation(
         started = time.monotonic()
         initial = evaluate(model, dataset.x_test, dataset.y_test, device=device)
         records = [
-            _record(
+            round_record(
                 0, initial, None, 0, 0, 0, 0.0, 0.0, **_simulated(system, None), **_dp(strategy)
             )
         ]
-        run_dir.save_global_model(0, _numpy(arrays))
+        run_dir.save_global_model(0, numpy_arrays(arrays))
         commit(0, records[-1])
         if exporter is not None:
             try:
-                _publish(exporter, model, run_dir, 0, initial, settings)
+                publish(exporter, model, run_dir, 0, initial, settings)
             except ExportError as err:
                 # Refuse the run before any training: every later round would be refused too.
                 raise ExportError(
                     f"{err}; set export-onnx = false (--no-export-onnx) to train without "
                     "ONNX models"
                 ) from err
-        _emit(run_dir, records[-1], settings.num_rounds)
+        emit(run_dir, records[-1], settings.num_rounds)
         first_round = 1
     else:
-        arrays = _arrays_like(resumed.global_arrays, arrays)
+        arrays = arrays_like(resumed.global_arrays, arrays)
         records = [RoundRecord.from_json(row) for row in run_dir.read_metrics()]
         # `elapsed` goes on from where the run stopped; the downtime is not counted.
         started = time.monotonic() - (records[-1].elapsed if records else 0.0)
-        if exporter is not None and _published_round(run_dir) < resumed.round:
+        if exporter is not None and published_round(run_dir) < resumed.round:
             # The crash came between the commit and the export: export it now.
-            result = _evaluate_global(model, arrays, dataset, device)
-            _publish(exporter, model, run_dir, resumed.round, result, settings)
+            result = evaluate_global(model, arrays, dataset, device)
+            publish(exporter, model, run_dir, resumed.round, result, settings)
         first_round = resumed.round + 1
 
     for server_round in range(first_round, settings.num_rounds + 1):
@@ -434,9 +444,9 @@ def run_federation(
             # online when the round started, as the strategy was sized for them.
             cast(SimulatedSystemView, system).finish_round(plan)
 
-        result = _evaluate_global(model, arrays, dataset, device)
+        result = evaluate_global(model, arrays, dataset, device)
         now = time.monotonic()
-        record = _record(
+        record = round_record(
             server_round,
             result,
             _metric(train_metrics, "train-loss"),
@@ -454,16 +464,16 @@ def run_federation(
             **_simulated(system, plan),
             **_dp(strategy),
         )
-        run_dir.save_global_model(server_round, _numpy(arrays))
+        run_dir.save_global_model(server_round, numpy_arrays(arrays))
         commit(server_round, record)
         if exporter is not None:
             try:
-                _publish(exporter, model, run_dir, server_round, result, settings)
+                publish(exporter, model, run_dir, server_round, result, settings)
             except ExportError as err:
                 # The model directory keeps the last model that passed; training goes on.
                 log.error("round %d: global model not published: %s", server_round, err)
         records.append(record)
-        _emit(run_dir, record, settings.num_rounds)
+        emit(run_dir, record, settings.num_rounds)
 
     return FederationResult(run_dir=run_dir, rounds=records, arrays=arrays)
 
@@ -474,7 +484,7 @@ class _Resumed:
     global_arrays: dict[str, NDArray[Any]]
 
 
-def _resume(
+def resume_run(
     run_dir: RunDirectory,
     run_config: Mapping[str, Any],
     strategy: Strategy,
@@ -511,7 +521,7 @@ def _resume(
     return _Resumed(round=last, global_arrays=checkpoint.global_arrays)
 
 
-def _arrays_like(stored: Mapping[str, NDArray[Any]], template: ArrayRecord) -> ArrayRecord:
+def arrays_like(stored: Mapping[str, NDArray[Any]], template: ArrayRecord) -> ArrayRecord:
     """Return the checkpoint's global model as the run's ArrayRecord, checked against the model."""
     if list(stored) != list(template):
         raise ConfigError(
@@ -528,7 +538,8 @@ def _arrays_like(stored: Mapping[str, NDArray[Any]], template: ArrayRecord) -> A
     return ArrayRecord({key: Array(np.array(value)) for key, value in stored.items()})
 
 
-def _published_round(run_dir: RunDirectory) -> int:
+def published_round(run_dir: RunDirectory) -> int:
+    """Return the round of the model the run's model directory serves (-1: none)."""
     try:
         return ModelDirectory(run_dir.models).read_manifest().round
     except ModelStoreError:
@@ -549,14 +560,14 @@ def _plan(
 ) -> RoundPlanView | None:
     if system is None or not messages:
         return None
-    # Every offered client downloads the global model and uploads a full update.
+    # Every offered client downloads the global model and uploads an update (compressed or not).
     size = sum(len(array.data) for array in arrays.values())
     return system.plan_round(
         server_round,
         [m.metadata.dst_node_id for m in messages],
         k=min(settings.clients_per_round, len(messages)),
         model_bytes=size,
-        update_bytes=size,
+        update_bytes=update_bytes(arrays, settings.compression),
         local_epochs=settings.local_epochs,
     )
 
@@ -600,9 +611,12 @@ def _screen(
 ) -> tuple[list[Message], int]:
     """Drop the replies :func:`fedscale.validation.screen_replies` rejects, one log line each.
 
-    Returns the replies to aggregate (error replies included: the strategy
-    counts them as failures) and how many were rejected.
+    With ``compression``, replies are first decoded into full models
+    (:func:`fedscale.compression.decode_replies`); one that does not decode is
+    rejected too. Returns the replies to aggregate (error replies included: the
+    strategy counts them as failures) and how many were rejected.
     """
+    replies, undecodable = decode_replies(replies, arrays, settings, server_round=server_round)
     kept, rejected = screen_replies(
         replies,
         arrays,
@@ -610,6 +624,7 @@ def _screen(
         max_bytes=update_byte_limit(arrays, settings.max_update_bytes),
         weight_key=getattr(inner_strategy(strategy), "weighted_by_key", WEIGHT_KEY),
     )
+    rejected = undecodable + rejected
     for reply, reason in rejected:
         log.warning(
             "round %d: update from node %d rejected: %s",
@@ -620,14 +635,16 @@ def _screen(
     return kept, len(rejected)
 
 
-def _evaluate_global(
+def evaluate_global(
     model: torch.nn.Module, arrays: ArrayRecord, dataset: ServerData, device: torch.device
 ) -> EvalResult:
+    """Load ``arrays`` into ``model`` and evaluate it on the server's test split."""
     load_arrays_into(model, arrays)
     return evaluate(model, dataset.x_test, dataset.y_test, device=device)
 
 
-def _exporter(settings: RunSettings, dataset: ServerData) -> OnnxExporter | None:
+def make_exporter(settings: RunSettings, dataset: ServerData) -> OnnxExporter | None:
+    """Return the run's ONNX exporter, or ``None`` with ``export-onnx`` false."""
     if not settings.export_onnx:
         return None
     from fedscale.export import OnnxExporter  # onnxruntime loads only when exporting
@@ -636,7 +653,7 @@ def _exporter(settings: RunSettings, dataset: ServerData) -> OnnxExporter | None
     return OnnxExporter.for_data(dataset.x_sample, seed=settings.seed)
 
 
-def _publish(
+def publish(
     exporter: OnnxExporter,
     model: torch.nn.Module,
     run_dir: RunDirectory,
@@ -670,11 +687,12 @@ def _metric(metrics: MetricRecord | None, key: str) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-def _numpy(arrays: ArrayRecord) -> dict[str, NDArray[Any]]:
+def numpy_arrays(arrays: ArrayRecord) -> dict[str, NDArray[Any]]:
+    """Return the record's arrays as numpy arrays, by name."""
     return {key: array.numpy() for key, array in arrays.items()}
 
 
-def _record(
+def round_record(
     server_round: int,
     result: EvalResult,
     train_loss: float | None,
@@ -697,6 +715,7 @@ def _record(
     dp_epsilon: float | None = None,
     dp_delta: float | None = None,
 ) -> RoundRecord:
+    """Build a round's ``metrics.jsonl`` record, times rounded as the file keeps them."""
     return RoundRecord(
         round=server_round,
         loss=result.loss,
@@ -728,7 +747,8 @@ def _dp(strategy: Strategy) -> dict[str, Any]:
     return {} if spent is None else {"dp_epsilon": spent[0], "dp_delta": spent[1]}
 
 
-def _emit(run_dir: RunDirectory, record: RoundRecord, num_rounds: int) -> None:
+def emit(run_dir: RunDirectory, record: RoundRecord, num_rounds: int) -> None:
+    """Append ``record`` to ``metrics.jsonl`` and log it (front ends follow the log)."""
     run_dir.append_metrics(record)
     log.info(
         "round %d/%d: accuracy %.4f, loss %.4f, %d/%d clients replied, %.2f s",

@@ -15,6 +15,10 @@ that the run's settings already determine are not offered: the sampling ones
 ClientApp (``num-examples``, ``train-loss``) and callables. QFedAvg's
 ``client-learning-rate`` defaults to the run's ``lr``: it is the clients'
 learning rate, from which QFedAvg estimates the Lipschitz constant.
+
+``fedbuff`` (:data:`ASYNC_STRATEGIES`) is fedscale's own and asynchronous: its
+name and ``strategy-args`` keys are listed and checked here too, but it runs in
+its own loop (:mod:`.fedbuff`), not as a Flower strategy.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from fedscale.privacy import clipped_count_stddev, new_accountant
 from fedscale.settings import RunSettings, parse_strategy_args
 
 __all__ = [
+    "ASYNC_STRATEGIES",
     "STRATEGIES",
     "StrategyParam",
     "build_strategy",
@@ -87,6 +92,10 @@ STRATEGIES: dict[str, type[FedAvg]] = {
     "multikrum": MultiKrum,
     "bulyan": Bulyan,
 }
+
+# fedscale's own asynchronous strategies: not Flower strategies (Flower has no
+# asynchronous one), run by their own loop (server/fedbuff.py).
+ASYNC_STRATEGIES = ("fedbuff",)
 
 # Constructor parameters the run's settings and fedscale's apps decide.
 _MANAGED = frozenset(
@@ -168,6 +177,10 @@ class StrategyParam:
 
 def strategy_params(name: str) -> dict[str, StrategyParam]:
     """Return the parameters strategy ``name`` takes from ``strategy-args``, by key."""
+    if name in ASYNC_STRATEGIES:
+        from .fedbuff import fedbuff_params  # it builds on this module
+
+        return fedbuff_params()
     cls = _strategy_class(name)
     hints = get_type_hints(cls.__init__)
     params: dict[str, StrategyParam] = {}
@@ -194,6 +207,12 @@ def build_strategy(settings: RunSettings) -> FedAvg:
     Bulyan need enough clients per round for their ``num-malicious-nodes``).
     """
     name = settings.strategy
+    if name in ASYNC_STRATEGIES:
+        raise ConfigError(
+            f"strategy {name}: expected a synchronous strategy here; {name} is asynchronous "
+            "and runs in its own loop, fedscale.server.fedbuff.run_fedbuff (the ServerApp "
+            "picks it)"
+        )
     params = strategy_params(name)
     given = parse_strategy_args(settings.strategy_args)
     unknown = sorted(set(given) - set(params))
@@ -261,7 +280,8 @@ def _name_of(strategy: FedAvg) -> str:
 
 def _strategy_class(name: str) -> type[FedAvg]:
     if name not in STRATEGIES:
-        raise ConfigError(f"strategy: expected one of {', '.join(STRATEGIES)}, got {name!r}")
+        names = [*STRATEGIES, *ASYNC_STRATEGIES]
+        raise ConfigError(f"strategy: expected one of {', '.join(names)}, got {name!r}")
     return STRATEGIES[name]
 
 

@@ -8,7 +8,9 @@ the model can be trained as a cohort (:func:`fedscale.cohort.cohort_support`),
 :func:`fedscale.cohort.train_cohort` and builds exactly the replies the ClientApp
 would: the same inputs (the node's data, the round's config, the same shuffle
 seed from :func:`fedscale.training.shuffle_seed`), the same reply records, in the
-same key order and dtypes, equal within float rounding.
+same key order and dtypes, equal within float rounding. With ``compression`` the
+replies are encoded by the same :func:`fedscale.compression.compress_reply` the
+ClientApp's mod calls, top-k's residual kept in the node's ``Context.state``.
 
 Everything else is left to the grid's general path, unchanged: evaluate and
 other messages, other ClientApps, a ClientApp given mods, models that are not
@@ -36,6 +38,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from torch import nn
 
 from fedscale.cohort import cohort_support, train_cohort
+from fedscale.compression import Compression, base_round_of, compress_reply
 from fedscale.exceptions import DataError, FedscaleError, RecordError
 from fedscale.node_data import node_data, node_device_name
 from fedscale.privacy import CLIENT_SIDE_MODES
@@ -98,6 +101,8 @@ def deliver_cohorts(grid: InProcessGrid, messages: list[Message]) -> dict[str, M
         return {}  # Byzantine clients change their replies after training: the ClientApp's job
     if settings.dp in CLIENT_SIDE_MODES:
         return {}  # the ClientApp's train mod clips (and noises) every reply
+    if settings.secagg:
+        return {}  # SecAgg+ messages: the ClientApp's train mod runs the protocol and masks
     replies: dict[str, Message] = {}
     groups: dict[_GroupKey, list[_Client]] = {}
     records: dict[int, ArrayRecord] = {}
@@ -164,6 +169,7 @@ def _train_group(
     from fedscale.edge_client.app import _cached_model
 
     _, lr, epochs, batch_size, num_classes, device, input_shape = key
+    compression = Compression.parse(settings.compression)
     started = time.perf_counter()
     model: nn.Module = _cached_model(settings.model, input_shape, num_classes)
     if len(clients) < 2 or not cohort_support(model):
@@ -193,9 +199,40 @@ def _train_group(
                 ),
             }
         )
+        if compression is not None:
+            encoded = _compress(grid, client.message, content, record, compression)
+            if encoded is None:
+                continue  # the general path gives the ClientApp's error reply
+            content = encoded
         reply = Message(content, reply_to=client.message)
         set_message_id(reply, uuid.uuid4().hex)
         replies[client.message.metadata.message_id] = reply
-    grid.stats.messages += len(clients)
+    grid.stats.messages += len(replies)
     grid.stats.client_seconds += time.perf_counter() - started
     return replies
+
+
+def _compress(
+    grid: InProcessGrid,
+    message: Message,
+    content: RecordDict,
+    record: ArrayRecord,
+    compression: Compression,
+) -> RecordDict | None:
+    """Encode a reply as the ClientApp's ``compression_mod`` does, with the node's context.
+
+    Top-k's residual is read from and written to the node's ``Context.state``,
+    kept by the grid as for a ClientApp call; ``None`` (and the context left
+    as it was) when the encoder refuses the update.
+    """
+    node_id = message.metadata.dst_node_id
+    context = grid.node_context(node_id)
+    try:
+        encoded = compress_reply(
+            content, record, compression, context.state, base_round=base_round_of(message.content)
+        )
+    except FedscaleError as err:
+        log.debug("fast path left node %d's reply to the ClientApp: %s", node_id, err)
+        return None
+    grid.commit_context(node_id, context)
+    return encoded

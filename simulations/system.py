@@ -266,6 +266,31 @@ class SimulatedSystem:
             dropped=counts,
         )
 
+    def job_end(
+        self,
+        node_id: int,
+        start: float,
+        *,
+        job: int,
+        model_bytes: int,
+        update_bytes: int,
+        local_epochs: int,
+    ) -> tuple[float, DropReason | None]:
+        """Time one client's job started at ``start``: when it ends, and why it fails (or None).
+
+        For asynchronous training (FedBuff), where each client's job runs on its
+        own: the rules of a round of one (:func:`fedscale.clock.simulate_round`
+        with ``k = 1``: download, train, upload; the online window, churn and the
+        deadline), with the churn draw keyed by ``job`` instead of a round number.
+        Returns the virtual time the job finishes, or the time it is lost and the
+        reason. The clock does not move.
+        """
+        client = self._client(node_id)
+        task = self.population.tasks(np.asarray([client], dtype=np.int64), job)[0]
+        cost = RoundCost(model_bytes, update_bytes, local_epochs, self.compute_scale)
+        timing = simulate_round([task], start=start, k=1, cost=cost, deadline_s=self.deadline_s)
+        return timing.end, None if timing.accepted else timing.dropped[0].reason
+
     def finish_round(self, plan: RoundPlan) -> float:
         """Advance the clock to the end of a planned round; return the new time."""
         if plan.timing.start != self._now:
