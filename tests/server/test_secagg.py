@@ -422,3 +422,22 @@ def test_deployment_with_secagg_trains_with_three_edge_clients(tmp_path):
         shutil.rmtree(tmp_path / "flwr-home", ignore_errors=True)
     leftovers = {p.pid: group_members(p.pid) for p in processes}
     assert not any(leftovers.values()), leftovers
+
+
+@pytest.mark.integration
+def test_secagg_on_flowers_ray_engine_trains(tmp_path):
+    from fedscale.simulations import simulate
+
+    rows = simulate(
+        clients=6,
+        num_rounds=2,
+        clients_per_round=4,
+        local_epochs=2,
+        export_onnx=False,
+        device="cpu",
+        secagg=True,
+        engine="ray",
+        out=str(tmp_path / "ray"),
+    ).rounds
+    assert [r["clients_replied"] for r in rows] == [0, 4, 4]
+    assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.2
