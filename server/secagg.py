@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from flwr.server.client_proxy import ClientProxy
     from flwr.supercore.privacy_accounting import PrivacyAccountant
 
-__all__ = ["ARRAY_NAMES_KEY", "run_secagg_federation", "secagg_workflow"]
+__all__ = ["ARRAY_NAMES_KEY", "ObservedGrid", "run_secagg_federation", "secagg_workflow"]
 
 log = logging.getLogger(__name__)
 
@@ -336,13 +336,22 @@ def _bounded_client_manager(timeout: float) -> ClientManager:
     return manager
 
 
-class _CountingGrid(Grid):
-    """The grid, counting the bytes of every message sent and received (all four stages)."""
+class ObservedGrid(Grid):
+    """A grid that shows :meth:`sent` every message it sends and :meth:`received` every reply.
+
+    Flower's legacy workflow drives the grid itself (four SecAgg+ stages a round),
+    so wrapping the grid is the one place to see all of its traffic. Subclasses
+    override the two hooks; everything else goes to the wrapped grid unchanged.
+    """
 
     def __init__(self, inner: Grid) -> None:
         self.inner = inner
-        self.bytes_sent = 0
-        self.bytes_received = 0
+
+    def sent(self, messages: list[Message]) -> None:
+        """See messages after the wrapped grid sent them (with run id, sender and time)."""
+
+    def received(self, replies: list[Message]) -> None:
+        """See replies as the wrapped grid returned them."""
 
     def set_run(self, run: Run) -> None:
         """Set the run on the wrapped grid."""
@@ -369,28 +378,44 @@ class _CountingGrid(Grid):
         return self.inner.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Push with the wrapped grid, counting what is sent."""
+        """Push with the wrapped grid."""
         messages = list(messages)
         ids = list(self.inner.push_messages(messages))
-        self.bytes_sent += serialized_bytes(messages)
+        self.sent(messages)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Pull with the wrapped grid, counting what is received."""
+        """Pull with the wrapped grid."""
         replies = list(self.inner.pull_messages(message_ids))
-        self.bytes_received += serialized_bytes(replies)
+        self.received(replies)
         return replies
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Send and receive with the wrapped grid, counting both ways."""
+        """Send and receive with the wrapped grid."""
         messages = list(messages)
         replies = list(self.inner.send_and_receive(messages, timeout=timeout))
-        # After sending: the grid stamps run id, sender and time into each message.
-        self.bytes_sent += serialized_bytes(messages)
-        self.bytes_received += serialized_bytes(replies)
+        self.sent(messages)
+        self.received(replies)
         return replies
+
+
+class _CountingGrid(ObservedGrid):
+    """The grid, counting the bytes of every message sent and received (all four stages)."""
+
+    def __init__(self, inner: Grid) -> None:
+        super().__init__(inner)
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def sent(self, messages: list[Message]) -> None:
+        """Count the bytes Flower serializes ``messages`` to."""
+        self.bytes_sent += serialized_bytes(messages)
+
+    def received(self, replies: list[Message]) -> None:
+        """Count the bytes of ``replies``."""
+        self.bytes_received += serialized_bytes(replies)
 
 
 def _count_or_fraction(value: float) -> int | float:

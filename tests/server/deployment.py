@@ -83,3 +83,39 @@ def wait_for_round(run: Path, server_round: int, server: Popen[bytes], timeout: 
         assert server.poll() is None, f"the server exited ({server.returncode}) before the round"
         time.sleep(0.05)
     raise AssertionError(f"round {server_round} not reached within {timeout} s")
+
+
+def run_deployment(
+    tmp_path: Path, *server_options: str, devices: int = 3, timeout: float = 300
+) -> Path:
+    """Run ``fedscale server OPTIONS`` with ``devices`` edge clients to the end; return the run.
+
+    Every device is in every round's pool (``--min-clients`` = ``devices``); the
+    server must exit 0 within ``timeout`` seconds. Every process is stopped by its
+    PID afterwards, and none may be left.
+    """
+    import shutil
+
+    from fedscale.processes import stop
+
+    env = deployment_env(tmp_path)
+    port = free_port()
+    run = tmp_path / "run"
+    server = start_server(
+        tmp_path,
+        env,
+        *("--port", str(port), "--out", str(run), "--min-clients", str(devices)),
+        *("--round-timeout", "120", *server_options),
+    )
+    processes = [server]
+    try:
+        processes += [start_edge_client(tmp_path, env, port, i, devices) for i in range(devices)]
+        code = server.wait(timeout=timeout)
+        assert code == 0, (tmp_path / "server.log").read_text()
+    finally:
+        for process in processes:
+            stop(process)
+        shutil.rmtree(tmp_path / "flwr-home", ignore_errors=True)
+    leftovers = {p.pid: group_members(p.pid) for p in processes}
+    assert not any(leftovers.values()), leftovers
+    return run

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -13,14 +12,13 @@ import fedscale.simulations.cohort_delivery as cohort_delivery
 from fedscale.compression import RESIDUAL_RECORD, Compression, decompress_reply, topk_count
 from fedscale.edge_client.app import app as fedscale_client
 from fedscale.models import build_model
-from fedscale.processes import free_port, stop
 from fedscale.records import state_dict_to_arrays
 from fedscale.runs import RunDirectory
 from fedscale.settings import RunSettings
 from fedscale.simulations import simulate
 from fedscale.simulations._flower import FIRST_CLIENT_NODE_ID, server_task_identity
 from fedscale.simulations.grid import InProcessGrid
-from tests.server.deployment import deployment_env, group_members, start_edge_client, start_server
+from tests.server.deployment import run_deployment
 
 BASE = RunSettings(
     num_rounds=5,
@@ -233,26 +231,10 @@ def test_topk_on_flowers_ray_engine_matches_the_in_process_engine(tmp_path):
 def test_topk_in_a_real_deployment_matches_the_in_process_engine(tmp_path):
     # Three SuperNodes whose ClientApp runs in a fresh forked process per message:
     # the residual survives rounds only through Flower's Context.state.
-    env = deployment_env(tmp_path)
-    port = free_port()
-    run = tmp_path / "run"
-    options = ("--rounds", "3", "--per-round", "3", "--compression", "topk:0.1")
-    server = start_server(
+    run = run_deployment(
         tmp_path,
-        env,
-        *("--port", str(port), "--min-clients", "3", *options, "--no-export-onnx"),
-        *("--round-timeout", "120", "--out", str(run)),
+        *("--rounds", "3", "--per-round", "3", "--compression", "topk:0.1", "--no-export-onnx"),
     )
-    clients = [start_edge_client(tmp_path, env, port, i, 3) for i in range(3)]
-    processes = [server, *clients]
-    try:
-        code = server.wait(timeout=300)
-        assert code == 0, (tmp_path / "server.log").read_text()
-    finally:
-        for process in processes:
-            stop(process)
-        shutil.rmtree(tmp_path / "flwr-home", ignore_errors=True)
-    assert not any(group_members(p.pid) for p in processes)
     deployed = RunDirectory(run)
     rows = deployed.read_metrics()
     assert all(r["clients_replied"] == 3 and r["clients_rejected"] == 0 for r in rows[1:])

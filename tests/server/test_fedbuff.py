@@ -393,46 +393,21 @@ def _model_bytes(settings):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_fedbuff_on_a_superlink_with_three_edge_clients(tmp_path):
-    import shutil
+    from tests.server.deployment import run_deployment
 
-    from fedscale.processes import free_port, stop
-    from tests.server.deployment import (
-        deployment_env,
-        group_members,
-        start_edge_client,
-        start_server,
-    )
-
-    env = deployment_env(tmp_path)
-    port = free_port()
-    run = tmp_path / "run"
-    server = start_server(
+    run = run_deployment(
         tmp_path,
-        env,
-        *("--port", str(port), "--rounds", "4", "--min-clients", "3", "--per-round", "3"),
-        *("--strategy", "fedbuff", "--strategy-arg", "buffer-size=2"),
-        *("--strategy-arg", "max-staleness=5", "--round-timeout", "120", "--out", str(run)),
+        *("--rounds", "4", "--per-round", "3", "--strategy", "fedbuff"),
+        *("--strategy-arg", "buffer-size=2", "--strategy-arg", "max-staleness=5"),
     )
-    clients = [start_edge_client(tmp_path, env, port, i, 3) for i in range(3)]
-    processes = [server, *clients]
-    try:
-        code = server.wait(timeout=300)
-        log = (tmp_path / "server.log").read_text()
-        assert code == 0, log
-        rows = RunDirectory(run).read_metrics()
-        assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
-        trained = rows[1:]
-        assert all(r["clients_replied"] == 2 and r["clients_failed"] == 0 for r in trained)
-        assert all(r["sim_elapsed"] is None for r in rows)  # real devices: wall-clock order
-        assert sum(r["clients_sampled"] for r in trained) >= 8
-        assert rows[-1]["accuracy"] >= 0.75 > rows[0]["accuracy"]
-        assert RunDirectory(run).read_config()["strategy-args"] == "buffer-size=2 max-staleness=5"
-    finally:
-        for process in processes:
-            stop(process)
-        shutil.rmtree(tmp_path / "flwr-home", ignore_errors=True)
-    leftovers = {p.pid: group_members(p.pid) for p in processes}
-    assert not any(leftovers.values()), leftovers
+    rows = RunDirectory(run).read_metrics()
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    trained = rows[1:]
+    assert all(r["clients_replied"] == 2 and r["clients_failed"] == 0 for r in trained)
+    assert all(r["sim_elapsed"] is None for r in rows)  # real devices: wall-clock order
+    assert sum(r["clients_sampled"] for r in trained) >= 8
+    assert rows[-1]["accuracy"] >= 0.75 > rows[0]["accuracy"]
+    assert RunDirectory(run).read_config()["strategy-args"] == "buffer-size=2 max-staleness=5"
 
 
 @pytest.mark.integration

@@ -367,31 +367,16 @@ def test_the_cli_takes_the_dp_options_and_prints_the_final_epsilon(tmp_path):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_central_dp_on_a_superlink_with_three_edge_clients_reports_opacus_epsilon(tmp_path):
-    import shutil
+    from tests.server.deployment import run_deployment
 
-    from fedscale.processes import free_port, stop
-    from tests.server.deployment import deployment_env, start_edge_client, start_server
-
-    env = deployment_env(tmp_path)
-    port = free_port()
-    run = tmp_path / "run"
-    server = start_server(
+    run = run_deployment(
         tmp_path,
-        env,
-        *("--port", str(port), "--rounds", "2", "--min-clients", "3", "--per-round", "3"),
-        *("--round-timeout", "120", "--out", str(run), "--no-export-onnx"),
+        *("--rounds", "2", "--per-round", "3", "--no-export-onnx"),
         *("--dp", "client-fixed", "--dp-noise-multiplier", "0.8", "--dp-clipping-norm", "0.5"),
     )
-    clients = [start_edge_client(tmp_path, env, port, i, 3) for i in range(3)]
-    try:
-        assert server.wait(timeout=300) == 0, (tmp_path / "server.log").read_text()
-        rows = RunDirectory(run).read_metrics()
-        assert [r["clients_replied"] for r in rows] == [0, 3, 3]
-        delta = rows[-1]["dp_delta"]
-        for row in rows[1:]:
-            expected = _opacus_epsilon(0.8, row["round"], delta)
-            assert row["dp_epsilon"] == pytest.approx(expected, rel=0.01)
-    finally:
-        for process in [server, *clients]:
-            stop(process)
-        shutil.rmtree(tmp_path / "flwr-home", ignore_errors=True)
+    rows = RunDirectory(run).read_metrics()
+    assert [r["clients_replied"] for r in rows] == [0, 3, 3]
+    delta = rows[-1]["dp_delta"]
+    for row in rows[1:]:
+        expected = _opacus_epsilon(0.8, row["round"], delta)
+        assert row["dp_epsilon"] == pytest.approx(expected, rel=0.01)

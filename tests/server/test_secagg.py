@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -29,72 +28,38 @@ from flwr.app import (
 )
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.run import Run
 from typer.testing import CliRunner
 
 from fedscale.cli.main import app as cli_app
 from fedscale.edge_client.app import app as client_app
 from fedscale.edge_client.secagg import ARRAY_NAMES_KEY, secagg_mod, to_fedscale_message
 from fedscale.exceptions import ConfigError, RecordError
-from fedscale.processes import free_port, stop
 from fedscale.runs import RunDirectory
 from fedscale.server.app import main as fedscale_server_main
 from fedscale.server.secagg import ARRAY_NAMES_KEY as SERVER_ARRAY_NAMES_KEY
+from fedscale.server.secagg import ObservedGrid
 from fedscale.settings import RunSettings
 from fedscale.simulations import run_apps
-from tests.server.deployment import deployment_env, group_members, start_edge_client, start_server
+from tests.server.deployment import run_deployment
 
 CLIPPING_RANGE = 8.0
 QUANTIZATION_RANGE = 2**22
 MAX_WEIGHT = 1000.0
 
 
-class TapGrid(Grid):
-    """A grid that records every message the ServerApp sends and every reply it receives."""
+class TapGrid(ObservedGrid):
+    """Record every message the ServerApp sends and every reply it receives."""
 
     def __init__(self, inner: Grid) -> None:
-        self.inner = inner
-        self.sent: list[Message] = []
-        self.received: list[Message] = []
+        super().__init__(inner)
+        self.sent_messages: list[Message] = []
+        self.received_messages: list[Message] = []
 
-    def set_run(self, run: Run) -> None:
-        self.inner.set_run(run)
+    def sent(self, messages: list[Message]) -> None:
+        self.sent_messages += messages
 
-    @property
-    def run(self) -> Run:
-        return self.inner.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        messages = list(messages)
-        self.sent += messages
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        replies = list(self.inner.pull_messages(message_ids))
-        self.received += replies
-        return replies
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        messages = list(messages)
-        self.sent += messages
-        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
-        self.received += replies
-        return replies
+    def received(self, replies: list[Message]) -> None:
+        self.received_messages += replies
 
 
 def _secagg_settings(tmp_path: Any, **overrides: Any) -> RunSettings:
@@ -230,14 +195,18 @@ def test_secagg_aggregate_is_the_weighted_average_and_the_server_sees_no_plain_u
     assert rows[1]["clients_sampled"] == 5 and rows[1]["clients_replied"] == 5
 
     # The protocol ran: four stages, each sent to and answered by the same five nodes.
-    stages = [_stage(m) for m in tap.sent]
+    stages = [_stage(m) for m in tap.sent_messages]
     expected = [Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK]
     assert sorted(set(stages), key=expected.index) == expected
     assert all(stages.count(s) == 5 for s in expected)
     nodes = sorted(
-        m.metadata.dst_node_id for m in tap.sent if _stage(m) == Stage.COLLECT_MASKED_VECTORS
+        m.metadata.dst_node_id
+        for m in tap.sent_messages
+        if _stage(m) == Stage.COLLECT_MASKED_VECTORS
     )
-    assert len(tap.received) == 20 and not any(m.has_error() for m in tap.received)
+    assert len(tap.received_messages) == 20 and not any(
+        m.has_error() for m in tap.received_messages
+    )
 
     updates = _plain_updates(settings, grid, nodes, run)
     names = list(run.load_global_model(0))
@@ -275,8 +244,8 @@ def test_secagg_aggregate_is_the_weighted_average_and_the_server_sees_no_plain_u
 
     # The tap: nothing the server received holds a client's plain update, nor its
     # quantized update before masking, nor the bytes of either.
-    received = [item for m in tap.received for item in _everything_in(m)]
-    masked = [_masked_vector(m) for m in tap.received if _masked_vector(m)]
+    received = [item for m in tap.received_messages for item in _everything_in(m)]
+    masked = [_masked_vector(m) for m in tap.received_messages if _masked_vector(m)]
     model_shapes = [(1,)] + [updates[nodes[0]][1][k].shape for k in names]
     assert len(masked) == 5, "every client's masked vector reached the server"
     # The masked weight factor, then one array per model array: integers mod 2**32.
@@ -396,32 +365,14 @@ def test_secagg_mod_passes_other_runs_through_and_checks_legacy_records():
 @pytest.mark.integration
 @pytest.mark.slow
 def test_deployment_with_secagg_trains_with_three_edge_clients(tmp_path):
-    env = deployment_env(tmp_path)
-    port = free_port()
-    run = tmp_path / "run"
-    server = start_server(
-        tmp_path,
-        env,
-        *("--port", str(port), "--rounds", "2", "--min-clients", "3", "--per-round", "3"),
-        *("--round-timeout", "120", "--out", str(run), "--secagg", "--no-export-onnx"),
+    run = run_deployment(
+        tmp_path, "--rounds", "2", "--per-round", "3", "--secagg", "--no-export-onnx"
     )
-    clients = [start_edge_client(tmp_path, env, port, i, 3) for i in range(3)]
-    processes = [server, *clients]
-    try:
-        code = server.wait(timeout=300)
-        log = (tmp_path / "server.log").read_text()
-        assert code == 0, log
-        rows = RunDirectory(run).read_metrics()
-        assert [r["round"] for r in rows] == [0, 1, 2]
-        assert all(r["clients_replied"] == 3 and r["clients_failed"] == 0 for r in rows[1:])
-        assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.2
-        assert RunDirectory(run).read_config()["secagg"] is True
-    finally:
-        for process in processes:
-            stop(process)
-        shutil.rmtree(tmp_path / "flwr-home", ignore_errors=True)
-    leftovers = {p.pid: group_members(p.pid) for p in processes}
-    assert not any(leftovers.values()), leftovers
+    rows = RunDirectory(run).read_metrics()
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["clients_replied"] == 3 and r["clients_failed"] == 0 for r in rows[1:])
+    assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.2
+    assert RunDirectory(run).read_config()["secagg"] is True
 
 
 @pytest.mark.integration
