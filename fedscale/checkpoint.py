@@ -156,14 +156,12 @@ class CheckpointStore:
         return path, hashlib.sha256(data).hexdigest()
 
     def commit(self, checkpoint: Checkpoint) -> None:
-        """Write ``checkpoint`` (the model file too, unless already written) and commit it."""
+        """Write ``checkpoint``, its model file included, and commit it."""
         from safetensors.numpy import save
 
-        model_file = self.model_path(checkpoint.round)
-        if model_file.is_file():
-            model_sha = _sha256(model_file.read_bytes())
-        else:
-            model_sha = self.save_model(checkpoint.round, checkpoint.global_arrays)[1]
+        # Always written here, never read back: a model file left by a round that
+        # crashed before its commit is stale, and is replaced by this one.
+        model_file, model_sha = self.save_model(checkpoint.round, checkpoint.global_arrays)
         arrays = {f"strategy/{k}": v for k, v in checkpoint.strategy_arrays.items()}
         arrays.update(checkpoint.rng_arrays)
         meta = {

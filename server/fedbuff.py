@@ -574,7 +574,6 @@ class _FedBuff:
                 self.model, self.dataset.x_test, self.dataset.y_test, device=self.device
             )
             record = round_record(0, initial, None, 0, 0, 0, 0.0, 0.0, **self._simulated(0.0))
-            self.run_dir.save_global_model(0, numpy_arrays(self.arrays))
             self._commit(record)
             if self.exporter is not None:
                 try:
@@ -884,7 +883,6 @@ class _FedBuff:
             **self._simulated(self._now() - interval.sim_start),
         )
         log.debug("version %d: mean staleness %.2f", self.version, staleness)
-        self.run_dir.save_global_model(self.version, updated)
         self._commit(record)
         if self.exporter is not None:
             try:

@@ -346,7 +346,6 @@ def run_federation(
                 0, initial, None, 0, 0, 0, 0.0, 0.0, **_simulated(system, None), **_dp(strategy)
             )
         ]
-        run_dir.save_global_model(0, numpy_arrays(arrays))
         commit(0, records[-1])
         if exporter is not None:
             try:
@@ -464,7 +463,6 @@ def run_federation(
             **_simulated(system, plan),
             **_dp(strategy),
         )
-        run_dir.save_global_model(server_round, numpy_arrays(arrays))
         commit(server_round, record)
         if exporter is not None:
             try:
