@@ -431,8 +431,8 @@ class ClientFixedClipping(DifferentialPrivacyClientSideFixedClipping):
         return super().aggregate_train(server_round, replies)
 
 
-class ServerAdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
-    """Flower's central DP with server-side adaptive clipping, with an accountant.
+class _Accounted:
+    """Give one of Flower's adaptive-clipping wrappers (which take none) an accountant.
 
     Andrew et al. (2021) split the noise between the update (Flower sets
     ``noise_multiplier`` to that part) and the clipped count so that together they
@@ -449,9 +449,15 @@ class ServerAdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
         accountant: PrivacyAccountant,
         **adaptive: float,
     ) -> None:
-        super().__init__(strategy, noise_multiplier, num_sampled_clients, **adaptive)
+        super().__init__(  # type: ignore[call-arg]  # the Flower wrapper after this in the MRO
+            strategy, noise_multiplier, num_sampled_clients, **adaptive
+        )
         self.accountant = accountant
         self.accounted_noise_multiplier = noise_multiplier
+
+
+class ServerAdaptiveClipping(_Accounted, DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's central DP with server-side adaptive clipping, with an accountant."""
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -460,25 +466,12 @@ class ServerAdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
         return _adaptive_round(self, super().aggregate_train, server_round, list(replies))
 
 
-class ClientAdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
+class ClientAdaptiveClipping(_Accounted, DifferentialPrivacyClientSideAdaptiveClipping):
     """Flower's central DP with client-side adaptive clipping, with an accountant.
 
     As :class:`ServerAdaptiveClipping`; a reply without a 0 or 1 ``norm_bit`` (the
     clients' mod adds it) skips the round instead of failing the run.
     """
-
-    def __init__(
-        self,
-        strategy: Strategy,
-        noise_multiplier: float,
-        num_sampled_clients: int,
-        *,
-        accountant: PrivacyAccountant,
-        **adaptive: float,
-    ) -> None:
-        super().__init__(strategy, noise_multiplier, num_sampled_clients, **adaptive)
-        self.accountant = accountant
-        self.accounted_noise_multiplier = noise_multiplier
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
