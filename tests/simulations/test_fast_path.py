@@ -16,6 +16,9 @@ from fedscale.simulations._flower import FIRST_CLIENT_NODE_ID, server_task_ident
 from fedscale.simulations.grid import InProcessGrid
 from fedscale.simulations.system import system_for
 
+# Runs are compared byte for byte, bytes_sent/bytes_received included.
+pytestmark = pytest.mark.usefixtures("fixed_run_id")
+
 WALL = {"seconds", "elapsed", "time", "aggregate_seconds"}
 FLOATS = {"loss", "accuracy", "train_loss", "federated_loss", "federated_accuracy"}
 

@@ -21,6 +21,9 @@ from fedscale.simulations import run_apps, simulate
 from fedscale.simulations.grid import FIRST_CLIENT_NODE_ID
 from fedscale.simulations.system import system_for
 
+# Runs are compared byte for byte, bytes_sent/bytes_received included.
+pytestmark = pytest.mark.usefixtures("fixed_run_id")
+
 # ------------------------------------------------------------------ a tiny federation
 
 # Six clients of 100 training samples each (600 samples, an iid split into six).

@@ -22,9 +22,14 @@ from fedscale.simulations.engine import run_in_process
 from fedscale.simulations.workers import resolve_workers
 from tests.simulations import plain_flower_app as plain
 
-pytestmark = pytest.mark.skipif(
-    not os.path.isdir("/proc/self") or not hasattr(os, "fork"), reason="workers need Linux fork"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not os.path.isdir("/proc/self") or not hasattr(os, "fork"),
+        reason="workers need Linux fork",
+    ),
+    # Runs are compared byte for byte, bytes_sent/bytes_received included.
+    pytest.mark.usefixtures("fixed_run_id"),
+]
 
 # ---------------------------------------------------------------- same results
 
