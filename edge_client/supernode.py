@@ -327,10 +327,11 @@ def run_edge_client(
                 code = process.poll()
                 if code is None:
                     continue
-                if child.name == SUPERNODE and code == 0:
-                    # flower-supernode exits 0 when the SuperLink no longer knows
-                    # this node (it restarted, e.g. a server resumed after a crash,
-                    # or it removed the node): join again, as a new node, with
+                if child.name == SUPERNODE and code in (0, -signal.SIGINT):
+                    # When the SuperLink no longer knows this node (it restarted, e.g.
+                    # a server resumed after a crash, or it removed the node),
+                    # flower-supernode sends itself SIGINT: it exits 0, or dies of the
+                    # signal if it arrives mid-request. Join again, as a new node, with
                     # back-off. Any other exit is a failure to report.
                     delay = min(REJOIN_MAX_DELAY, 2.0**rejoins)
                     log.warning(
