@@ -65,7 +65,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from numpy.typing import NDArray
 
-from fedscale.checkpoint import Checkpoint, config_hash, rng_state
+from fedscale.checkpoint import BackgroundCommits, Checkpoint, config_hash, rng_state
 from fedscale.clock import DropReason
 from fedscale.compression import decode_replies, update_bytes
 from fedscale.exceptions import ConfigError, ExportError, FedscaleError
@@ -479,12 +479,21 @@ def run_fedbuff(grid: Grid, settings: RunSettings, *, out: str | Path) -> FedBuf
     the result with per-node contribution counts.
     """
     config = FedBuffConfig.from_settings(settings)  # before anything is written
-    return _FedBuff(grid, settings, config, Path(out)).run()
+    with BackgroundCommits(RunDirectory(out).checkpoint_store) as checkpoints:
+        return _FedBuff(grid, settings, config, Path(out), checkpoints).run()
 
 
 class _FedBuff:
-    def __init__(self, grid: Grid, settings: RunSettings, config: FedBuffConfig, out: Path) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        settings: RunSettings,
+        config: FedBuffConfig,
+        out: Path,
+        checkpoints: BackgroundCommits,
+    ) -> None:
         self.grid = grid
+        self.checkpoints = checkpoints
         self.settings = settings
         self.config = config
         self.buffer = UpdateBuffer(config.buffer_size, config.staleness, config.max_staleness)
@@ -909,7 +918,7 @@ class _FedBuff:
     def _commit(self, record: RoundRecord) -> None:
         # The flush's commit point: a crash after it loses only jobs in flight.
         rng_meta, rng_arrays = rng_state()
-        self.run_dir.checkpoint_store.commit(
+        self.checkpoints.commit(
             Checkpoint(
                 round=self.version,
                 config_hash=self.fingerprint,

@@ -36,6 +36,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from numpy.typing import NDArray
 
 from fedscale.checkpoint import (
+    BackgroundCommits,
     Checkpoint,
     check_resumable,
     config_hash,
@@ -275,6 +276,17 @@ def run_federation(
     ONNX into ``out/models``, keeping the newest ``keep-models``; returns the
     result.
     """
+    with BackgroundCommits(RunDirectory(out).checkpoint_store) as checkpoints:
+        return _run_federation(grid, settings, out, strategy, checkpoints)
+
+
+def _run_federation(
+    grid: Grid,
+    settings: RunSettings,
+    out: str | Path,
+    strategy: Strategy | None,
+    checkpoints: BackgroundCommits,
+) -> FederationResult:
     # Before anything is written: a misconfigured strategy fails the run at once.
     sized_here = strategy is None
     strategy = default_strategy(settings) if strategy is None else strategy
@@ -324,7 +336,7 @@ def run_federation(
         # The round's commit point: after it, a crash loses nothing of this round.
         strategy_meta, strategy_arrays = strategy_state(strategy)
         rng_meta, rng_arrays = rng_state()
-        run_dir.checkpoint_store.commit(
+        checkpoints.commit(
             Checkpoint(
                 round=server_round,
                 config_hash=fingerprint,
