@@ -18,12 +18,27 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["decode", "encode"]
+__all__ = ["decode", "dtype_name", "encode", "view"]
 
 _MAGIC = b"\x93NUMPY"
 _HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
-_PARSED: dict[bytes, tuple[np.dtype[Any], bool, tuple[int, ...]]] = {}
+_PARSED: dict[bytes, tuple[np.dtype[Any], bool, tuple[int, ...], int]] = {}
+_DTYPE_NAMES: dict[np.dtype[Any], str] = {}
 _CACHE_LIMIT = 4096  # distinct shapes kept; a model has a few dozen
+
+
+def dtype_name(dtype: np.dtype[Any]) -> str:
+    """Return ``str(dtype)`` (what Flower's ``Array`` records), remembered per dtype.
+
+    numpy builds the name anew on every call, which costs more than encoding a
+    small array; a federation uses a handful of dtypes.
+    """
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = str(dtype)
+        if len(_DTYPE_NAMES) < _CACHE_LIMIT:
+            _DTYPE_NAMES[dtype] = name
+    return name
 
 
 def encode(array: npt.NDArray[Any]) -> bytes:
@@ -42,6 +57,15 @@ def encode(array: npt.NDArray[Any]) -> bytes:
 
 def decode(data: bytes) -> npt.NDArray[Any]:
     """Return ``np.load(data)`` for ``.npy`` bytes: a new, writable array."""
+    return view(data).copy(order="K")
+
+
+def view(data: bytes) -> npt.NDArray[Any]:
+    """Return the array ``.npy`` bytes hold, as a read-only view of ``data`` where it can.
+
+    For checking values without copying them (the server screens every reply).
+    Raises ``ValueError`` on bytes that are not ``.npy`` or that are too short.
+    """
     if data[:6] != _MAGIC:
         raise ValueError(f"expected .npy bytes starting with {_MAGIC!r}, got {data[:6]!r}")
     major = data[6]
@@ -56,13 +80,12 @@ def decode(data: bytes) -> npt.NDArray[Any]:
             return np.load(io.BytesIO(data), allow_pickle=False)  # type: ignore[no-any-return]
         if len(_PARSED) < _CACHE_LIMIT:
             _PARSED[header] = parsed
-    dtype, fortran, shape = parsed
-    count = int(np.prod(shape, dtype=np.int64))
+    dtype, fortran, shape, count = parsed
     flat = np.frombuffer(data, dtype=dtype, count=count, offset=end)
-    return flat.reshape(shape, order="F" if fortran else "C").copy(order="K")
+    return flat.reshape(shape, order="F" if fortran else "C")
 
 
-def _parse_header(header: bytes) -> tuple[np.dtype[Any], bool, tuple[int, ...]] | None:
+def _parse_header(header: bytes) -> tuple[np.dtype[Any], bool, tuple[int, ...], int] | None:
     # The same safe literal parse numpy uses, once per distinct header.
     fields = ast.literal_eval(header.decode("latin1"))
     descr = fields.get("descr") if isinstance(fields, dict) else None
@@ -71,7 +94,8 @@ def _parse_header(header: bytes) -> tuple[np.dtype[Any], bool, tuple[int, ...]] 
     dtype = np.dtype(descr)
     if dtype.hasobject:
         raise ValueError("expected an array without Python objects (no pickling), got one")
-    return dtype, bool(fields["fortran_order"]), tuple(int(d) for d in fields["shape"])
+    shape = tuple(int(d) for d in fields["shape"])
+    return dtype, bool(fields["fortran_order"]), shape, int(np.prod(shape, dtype=np.int64))
 
 
 def _np_save(array: npt.NDArray[Any]) -> bytes:

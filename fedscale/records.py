@@ -19,7 +19,7 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.common.constant import SType
 from torch import nn
 
-from .codec import decode, encode
+from .codec import decode, dtype_name, encode
 from .exceptions import RecordError
 
 __all__ = [
@@ -64,7 +64,10 @@ def _array(array: npt.NDArray[Any]) -> Array:
     # tests/fedscale/test_records.py compares it with the public constructors.
     out: Array = object.__new__(Array)
     out.__dict__.update(
-        dtype=str(array.dtype), shape=tuple(array.shape), stype=SType.NUMPY, data=encode(array)
+        dtype=dtype_name(array.dtype),
+        shape=tuple(array.shape),
+        stype=SType.NUMPY,
+        data=encode(array),
     )
     return out
 

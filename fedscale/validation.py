@@ -35,7 +35,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common.constant import SType
 
-from .codec import decode
+from .codec import dtype_name, view
 
 __all__ = [
     "AUTO_SLACK_BYTES",
@@ -53,6 +53,8 @@ WEIGHT_KEY = "num-examples"
 # dtypes), so the limit only ever stops padding, and leaves room for the .npy headers.
 AUTO_SLACK_BYTES = 1 << 20
 _NAMES_SHOWN = 5  # missing or unexpected array names quoted in a reason
+# What Flower's aggregation needs equal across replies: record names and metric keys.
+_Layout = tuple[str, str, tuple[tuple[str, int | None], ...]]
 
 
 def payload_bytes(arrays: ArrayRecord) -> int:
@@ -83,26 +85,51 @@ def validate_reply(
     Returns ``None`` if the reply may be aggregated, else a one-line reason
     naming what was expected and what arrived.
     """
+    return _validate(reply, global_arrays, max_examples, max_bytes, weight_key)[0]
+
+
+def _validate(
+    reply: Message,
+    global_arrays: ArrayRecord,
+    max_examples: int,
+    max_bytes: int,
+    weight_key: str,
+) -> tuple[str | None, _Layout | None]:
+    """Return :func:`validate_reply`'s reason and, for a valid reply, its layout.
+
+    The content is read once, by its items: Flower's ``array_records`` and
+    ``metric_records`` build a new checked dict on every access, which for a
+    round of small replies costs more than the checks themselves.
+    """
     if reply.has_error():
         error = reply.error
-        return f"expected an update, got error {error.code}: {error.reason}"
-    content = reply.content
-    array_records = list(content.array_records.values())
-    metric_records = list(content.metric_records.values())
+        return f"expected an update, got error {error.code}: {error.reason}", None
+    array_records: list[tuple[str, ArrayRecord]] = []
+    metric_records: list[tuple[str, MetricRecord]] = []
+    for name, record in reply.content.items():
+        if isinstance(record, ArrayRecord):
+            array_records.append((name, record))
+        elif isinstance(record, MetricRecord):
+            metric_records.append((name, record))
     if len(array_records) != 1 or len(metric_records) != 1:
         return (
             f"expected one ArrayRecord and one MetricRecord, got {len(array_records)} "
             f"and {len(metric_records)}"
-        )
-    arrays = array_records[0]
+        ), None
+    (array_name, arrays), (metric_name, metrics) = array_records[0], metric_records[0]
     reason = _check_names(arrays, global_arrays)
     if reason is None:
         reason = _check_size(arrays, max_bytes)
     if reason is None:
         reason = _check_arrays(arrays, global_arrays)
     if reason is None:
-        reason = _check_metrics(metric_records[0], weight_key, max_examples)
-    return reason
+        reason = _check_metrics(metrics, weight_key, max_examples)
+    if reason is not None:
+        return reason, None
+    keys = tuple(
+        sorted((key, len(v) if isinstance(v, list) else None) for key, v in metrics.items())
+    )
+    return None, (array_name, metric_name, keys)
 
 
 def screen_replies(
@@ -122,22 +149,17 @@ def screen_replies(
     kept: list[Message] = []
     rejected: list[tuple[Message, str]] = []
     valid: list[Message] = []
+    layouts: list[_Layout] = []
     for reply in replies:
         if reply.has_error():
             kept.append(reply)
             continue
-        reason = validate_reply(
-            reply,
-            global_arrays,
-            max_examples=max_examples,
-            max_bytes=max_bytes,
-            weight_key=weight_key,
-        )
-        if reason is None:
+        reason, layout = _validate(reply, global_arrays, max_examples, max_bytes, weight_key)
+        if layout is not None:
             valid.append(reply)
+            layouts.append(layout)
         else:
-            rejected.append((reply, reason))
-    layouts = [_layout(reply) for reply in valid]
+            rejected.append((reply, cast(str, reason)))
     if layouts:
         # most_common keeps first-seen order among equals: ties go to the earliest reply.
         majority = Counter(layouts).most_common(1)[0][0]
@@ -153,20 +175,6 @@ def screen_replies(
                     )
                 )
     return kept, rejected
-
-
-_Layout = tuple[str, str, tuple[tuple[str, int | None], ...]]
-
-
-def _layout(reply: Message) -> _Layout:
-    """Return what Flower's aggregation needs equal across replies: names and metric keys."""
-    content = reply.content
-    (array_name,) = content.array_records.keys()
-    ((metric_name, metrics),) = content.metric_records.items()
-    keys = tuple(
-        sorted((key, len(v) if isinstance(v, list) else None) for key, v in metrics.items())
-    )
-    return array_name, metric_name, keys
 
 
 def _describe(layout: _Layout) -> str:
@@ -214,22 +222,25 @@ def _check_arrays(arrays: ArrayRecord, global_arrays: ArrayRecord) -> str | None
 
 
 def _check_array(key: str, got: Array, want: Array) -> str | None:
-    expected = f"shape {tuple(want.shape)} and dtype {want.dtype}"
+    want_shape = tuple(want.shape)
     if got.stype != SType.NUMPY:
         return f"arrays[{key!r}]: expected stype {SType.NUMPY!r}, got {got.stype!r}"
-    if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+    if tuple(got.shape) != want_shape or got.dtype != want.dtype:
         return (
-            f"arrays[{key!r}]: expected {expected}, got shape {tuple(got.shape)} "
+            f"arrays[{key!r}]: expected {_expected(want)}, got shape {tuple(got.shape)} "
             f"and dtype {got.dtype}"
         )
     # The declared shape and dtype are only labels: aggregation decodes the bytes.
     try:
-        values = decode(got.data)
+        values = view(got.data)  # no copy: only read
     except Exception as err:  # noqa: BLE001  # any decoding failure makes the reply unusable
-        return f"arrays[{key!r}]: expected .npy bytes of {expected}, got undecodable bytes ({err})"
-    if values.shape != tuple(want.shape) or str(values.dtype) != want.dtype:
         return (
-            f"arrays[{key!r}]: expected bytes of {expected}, got bytes of shape "
+            f"arrays[{key!r}]: expected .npy bytes of {_expected(want)}, "
+            f"got undecodable bytes ({err})"
+        )
+    if values.shape != want_shape or dtype_name(values.dtype) != want.dtype:
+        return (
+            f"arrays[{key!r}]: expected bytes of {_expected(want)}, got bytes of shape "
             f"{values.shape} and dtype {values.dtype}"
         )
     # One pass and a boolean temporary: as fast as a sum, and exact.
@@ -240,6 +251,10 @@ def _check_array(key: str, got: Array, want: Array) -> str | None:
             f"(first {bad.flat[0]})"
         )
     return None
+
+
+def _expected(want: Array) -> str:
+    return f"shape {tuple(want.shape)} and dtype {want.dtype}"
 
 
 def _check_metrics(metrics: MetricRecord, weight_key: str, max_examples: int) -> str | None:

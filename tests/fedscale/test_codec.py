@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedscale.codec import decode, encode
+from fedscale.codec import decode, dtype_name, encode, view
 
 DTYPES = st.sampled_from(
     ["<f4", "<f8", "<f2", ">f4", "<i8", "<i4", "|i1", "|u1", "<u2", "|b1", "<c8", "<m8[s]"]
@@ -48,6 +48,38 @@ def test_decode_equals_np_load(array, layout):
     assert got.flags.writeable and got.flags.f_contiguous == expected.flags.f_contiguous
     np.testing.assert_array_equal(got, expected)
     assert encode(array) == data, "non-contiguous and Fortran arrays fall back to np.save"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    hnp.arrays(
+        dtype=DTYPES, shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5)
+    ),
+    st.booleans(),
+)
+def test_view_reads_the_same_array_without_copying(array, fortran):
+    if fortran:
+        array = np.asfortranarray(array)
+    data = np_save(array)
+    got = view(data)
+    np.testing.assert_array_equal(got, np.load(io.BytesIO(data), allow_pickle=False))
+    assert got.dtype == array.dtype and got.shape == array.shape
+    assert not got.flags.writeable, "a view of immutable bytes: never written through"
+    if array.size:
+        assert np.shares_memory(got, np.frombuffer(data, dtype=np.uint8))
+
+
+def test_view_refuses_truncated_bytes():
+    data = np_save(np.arange(10, dtype=np.float32))
+    with pytest.raises(ValueError):
+        view(data[:-4])
+
+
+@pytest.mark.parametrize("name", ["<f4", ">f4", "|b1", "<U3", "<m8[s]", "<c16", "|V8"])
+def test_dtype_name_is_str_of_the_dtype(name):
+    dtype = np.dtype(name)
+    assert dtype_name(dtype) == str(dtype)
+    assert dtype_name(np.dtype(name)) == str(dtype), "remembered, still the same"
 
 
 def test_decode_refuses_what_is_not_npy():
