@@ -26,6 +26,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.app.message.recorddict import _check_key, _SyncedDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode, SType
 from flwr.common.serde import (
     context_from_proto,
@@ -45,7 +46,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from numpy.typing import NDArray
 
-from fedscale.codec import decode, encode
+from fedscale.codec import decode, dtype_name, encode
 
 __all__ = [
     "CLIENT_APP_CRASHED",
@@ -64,6 +65,7 @@ __all__ = [
     "encode_records",
     "error_reply",
     "fast_array_codec",
+    "fast_record_views",
     "make_run",
     "new_run_id",
     "server_context",
@@ -209,7 +211,7 @@ def fast_array_codec() -> Iterator[None]:
         if not isinstance(ndarray, np.ndarray):
             raise TypeError(f"Expected NumPy ndarray, got {type(ndarray)}")
         return cls(
-            dtype=str(ndarray.dtype),
+            dtype=dtype_name(ndarray.dtype),
             shape=tuple(ndarray.shape),
             stype=SType.NUMPY,
             data=encode(ndarray),
@@ -222,6 +224,50 @@ def fast_array_codec() -> Iterator[None]:
     finally:
         Array.numpy = original_numpy  # type: ignore[method-assign]
         Array.from_numpy_ndarray = original_from_numpy  # type: ignore[method-assign]
+
+
+@contextmanager
+def fast_record_views() -> Iterator[None]:
+    """Let ``RecordDict.array_records``/``metric_records``/``config_records`` build faster.
+
+    Flower builds each view by setting every matching record into a new
+    ``_SyncedDict``, whose ``__setitem__`` type-checks it and sets it back into
+    the ``RecordDict`` (the same key, the same object: a no-op). Its strategies
+    read these views several times per reply, which for a round of small
+    replies costs more than averaging them. These build the same ``_SyncedDict``
+    (same class, items, order and write-through) by filling it directly; the
+    records were type-checked when they entered the ``RecordDict``. The
+    original properties are put back afterwards.
+    """
+    originals = {name: RecordDict.__dict__[name] for name in _RECORD_VIEWS}
+
+    def view(name: str, kind: type[Any]) -> property:
+        def build(self: RecordDict) -> _SyncedDict[Any]:
+            synced = _SyncedDict.__new__(_SyncedDict)
+            state = synced.__dict__
+            state["_check_key_fn"] = _check_key
+            state["_check_value_fn"] = synced.check_value
+            state["_data"] = {k: r for k, r in self.items() if isinstance(r, kind)}
+            state["recorddict"] = self
+            state["allowed_type"] = kind
+            return synced
+
+        return property(build, doc=originals[name].__doc__)
+
+    for name, kind in _RECORD_VIEWS.items():
+        setattr(RecordDict, name, view(name, kind))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(RecordDict, name, original)
+
+
+_RECORD_VIEWS: dict[str, type[Any]] = {
+    "array_records": ArrayRecord,
+    "metric_records": MetricRecord,
+    "config_records": ConfigRecord,
+}
 
 
 def error_reply(message: Message, code: int, reason: str) -> Message:

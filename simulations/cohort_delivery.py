@@ -106,6 +106,7 @@ def deliver_cohorts(grid: InProcessGrid, messages: list[Message]) -> dict[str, M
     replies: dict[str, Message] = {}
     groups: dict[_GroupKey, list[_Client]] = {}
     records: dict[int, ArrayRecord] = {}
+    parsed: dict[tuple[int, str], _Parsed] = {}  # a round's messages share one config record
     for message in train:
         node_config = grid.node_config(message.metadata.dst_node_id)
         if MODEL_DIR_KEY in node_config:
@@ -116,7 +117,7 @@ def deliver_cohorts(grid: InProcessGrid, messages: list[Message]) -> dict[str, M
             replies[message.metadata.message_id] = unavailable
             continue
         try:
-            key, client, record = _client(message, settings, node_config)
+            key, client, record = _client(message, settings, node_config, parsed)
         except Exception:  # noqa: BLE001  # the general path gives the ClientApp's own error
             continue
         records[key[0]] = record
@@ -126,31 +127,54 @@ def deliver_cohorts(grid: InProcessGrid, messages: list[Message]) -> dict[str, M
     return replies
 
 
+# What a config record and a device name give every client that shares them.
+_Parsed = tuple[float, int, int, int, int, str]
+
+
 def _client(
-    message: Message, settings: RunSettings, node_config: dict[str, Any]
+    message: Message,
+    settings: RunSettings,
+    node_config: dict[str, Any],
+    parsed: dict[tuple[int, str], _Parsed],
 ) -> tuple[_GroupKey, _Client, ArrayRecord]:
-    """Gather what the ClientApp's train handler reads, checked as it checks it."""
+    """Gather what the ClientApp's train handler reads, checked as it checks it.
+
+    ``parsed`` remembers, for the duration of one batch, each (config record,
+    device name) pair's checked values: the round's messages share both.
+    """
     from fedscale.edge_client.app import PROXIMAL_MU_KEY, _config, _config_float, _config_int
 
     config: ConfigRecord = _config(message)
     arrays = [r for r in message.content.values() if isinstance(r, ArrayRecord)]
     if len(arrays) != 1 or "num-classes" not in config:
         raise RecordError("not a train message fedscale's ClientApp accepts")
-    if config.get(PROXIMAL_MU_KEY, 0.0) != 0.0:
-        # FedProx's proximal term is not part of cohort training: the ClientApp adds it.
-        raise RecordError("a proximal term: trained by the ClientApp")
-    num_classes = _config_int(config, "num-classes", 0)
+    device_name = node_device_name(settings, node_config)
+    memo = (id(config), device_name)
+    values = parsed.get(memo)
+    if values is None:
+        if config.get(PROXIMAL_MU_KEY, 0.0) != 0.0:
+            # FedProx's proximal term is not part of cohort training: the ClientApp adds it.
+            raise RecordError("a proximal term: trained by the ClientApp")
+        values = (
+            _config_float(config, "lr", settings.lr),
+            _config_int(config, "local-epochs", settings.local_epochs),
+            _config_int(config, "batch-size", settings.batch_size),
+            _config_int(config, "num-classes", 0),
+            _config_int(config, "server-round", 1),
+            str(resolve_device(device_name)),
+        )
+        parsed[memo] = values
+    lr, epochs, batch_size, num_classes, server_round, device = values
     data = node_data(settings, node_config)
     if int(data.y_train.max()) >= num_classes:
         raise DataError(f"{data.source}: labels beyond the model's {num_classes} classes")
-    device = str(resolve_device(node_device_name(settings, node_config)))
     who = node_config.get("partition-id", message.metadata.dst_node_id)
-    seed = shuffle_seed(settings.seed, _config_int(config, "server-round", 1), int(who))
+    seed = shuffle_seed(settings.seed, server_round, int(who))
     key: _GroupKey = (
         id(arrays[0]),
-        _config_float(config, "lr", settings.lr),
-        _config_int(config, "local-epochs", settings.local_epochs),
-        _config_int(config, "batch-size", settings.batch_size),
+        lr,
+        epochs,
+        batch_size,
         num_classes,
         device,
         tuple(data.x_train.shape[1:]),

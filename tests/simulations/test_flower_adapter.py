@@ -1,9 +1,14 @@
 """The adapter's shortcuts give what Flower's own code gives."""
 
 import numpy as np
+import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedscale.simulations._flower import copy_record_dict, fast_array_codec
+from fedscale.simulations._flower import (
+    copy_record_dict,
+    fast_array_codec,
+    fast_record_views,
+)
 
 
 def _records():
@@ -40,3 +45,35 @@ def test_fast_codec_is_scoped_and_gives_flowers_results():
     assert fast == reference
     for got, array in zip(decoded, reference.values(), strict=True):
         np.testing.assert_array_equal(got, array.numpy())
+
+
+def test_fast_record_views_are_scoped_and_behave_as_flowers():
+    from flwr.app.message.recorddict import _SyncedDict
+
+    original_views = {
+        name: RecordDict.__dict__[name]
+        for name in ("array_records", "metric_records", "config_records")
+    }
+    reference = _records()
+    expected = {
+        name: (type(view), list(view.items()))
+        for name in original_views
+        for view in [getattr(reference, name)]
+    }
+    with fast_record_views():
+        assert RecordDict.__dict__["array_records"] is not original_views["array_records"]
+        records = _records()
+        for name, (kind, items) in expected.items():
+            view = getattr(records, name)
+            assert type(view) is kind is _SyncedDict
+            assert [k for k, _ in view.items()] == [k for k, _ in items]
+            assert list(view.values()) == [v for _, v in items]
+        # Writes go through to the RecordDict, and are type-checked, as Flower's do.
+        records.metric_records["extra"] = MetricRecord({"m": 1.0})
+        assert records["extra"] == MetricRecord({"m": 1.0})
+        del records.array_records["arrays"]
+        assert "arrays" not in records
+        with pytest.raises(TypeError, match="Expected `ConfigRecord`"):
+            records.config_records["bad"] = MetricRecord({"m": 1.0})
+        assert "bad" not in records
+    assert {n: RecordDict.__dict__[n] for n in original_views} == original_views
