@@ -8,6 +8,7 @@ float8) are refused with a clear error instead of being cast silently.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Message, Metadata, RecordDict
 from flwr.common.constant import SType
 from torch import nn
 
@@ -135,6 +136,8 @@ def conform_dtypes(aggregated: ArrayRecord, reference: ArrayRecord) -> ArrayReco
 
 # serialized_size's memo: message shape -> bytes. Bounded; a federation has few shapes.
 _SIZES: dict[tuple[Any, ...], int] = {}
+# The metadata's part of it: metadata layout -> bytes of the message without content.
+_BODIES: dict[tuple[Any, ...], int] = {}
 _MAX_SIZES = 4096
 
 
@@ -167,10 +170,17 @@ def serialized_bytes(messages: Iterable[Message]) -> int:
     total = 0
     content_shapes: dict[int, tuple[Any, ...]] = {}
     for message in messages:
-        proto_metadata = metadata_to_proto(message.metadata)
-        proto_metadata.message_id = ""  # as Message.deflate: the id is not serialized
         error = error_to_proto(message.error) if message.has_error() else None
-        body = ProtoMessage(metadata=proto_metadata, content=None, error=error).ByteSize()
+        layout = None if error is not None else _metadata_layout(message.metadata)
+        body = _BODIES.get(layout) if layout is not None else None
+        if body is None:
+            proto_metadata = metadata_to_proto(message.metadata)
+            proto_metadata.message_id = ""  # as Message.deflate: the id is not serialized
+            body = ProtoMessage(metadata=proto_metadata, content=None, error=error).ByteSize()
+            if layout is not None:
+                if len(_BODIES) >= _MAX_SIZES:
+                    _BODIES.clear()
+                _BODIES[layout] = body
         content: tuple[Any, ...] = ()
         if message.has_content():
             content = content_shapes.get(id(message.content), ())
@@ -186,6 +196,34 @@ def serialized_bytes(messages: Iterable[Message]) -> int:
             _SIZES[key] = size
         total += size
     return total
+
+
+def _metadata_layout(metadata: Metadata) -> tuple[Any, ...]:
+    """Return what the size of a message's metadata, serialized, depends on.
+
+    Protobuf writes each integer as a varint (its length set by its bit length),
+    each string as its length and bytes, and leaves out fields at their default
+    (0, "", +0.0); the message id is not serialized. Two metadata with the same
+    layout serialize to the same number of bytes, so the size is computed once
+    per layout (a round's messages share one or a few).
+    """
+    return (
+        metadata.run_id.bit_length(),
+        metadata.src_node_id.bit_length(),
+        metadata.dst_node_id.bit_length(),
+        len(metadata.reply_to_message_id.encode()),
+        len(metadata.group_id.encode()),
+        len(metadata.message_type.encode()),
+        _double_layout(metadata.ttl),
+        _double_layout(metadata.created_at),
+        metadata.src_task_id,
+        metadata.dst_task_id,
+    )
+
+
+def _double_layout(value: float) -> tuple[bool, float]:
+    # +0.0 is the default and left out; -0.0, NaN and the rest take 9 bytes.
+    return value == 0.0, math.copysign(1.0, value)
 
 
 def _content_shape(content: RecordDict) -> tuple[Any, ...]:
