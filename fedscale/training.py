@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -154,17 +155,20 @@ def train(
         order = torch.randperm(n, generator=generator)
         if device.type != "cpu":
             order = order.to(device)
+        # The epoch's samples in shuffled order, once: each batch is then a slice
+        # (the same rows as indexing with `order[start:end]`, two gathers fewer a step).
+        shuffled_inputs, shuffled_targets = inputs[order], targets[order]
         epoch_loss = 0.0
         for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
+            batch = slice(start, start + batch_size)
             for p in params:
                 p.grad = None
-            loss = F.cross_entropy(model(inputs[idx]), targets[idx])
+            loss = F.cross_entropy(model(shuffled_inputs[batch]), shuffled_targets[batch])
             loss.backward()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
             if anchors is not None:
                 _add_proximal_grad(params, anchors, proximal_mu)
             _sgd_step(params, lr)
-            epoch_loss += float(loss.detach()) * len(idx)
+            epoch_loss += float(loss.detach()) * (min(start + batch_size, n) - start)
             steps += 1
     return TrainResult(loss=epoch_loss / n, num_examples=n, steps=steps)
 
@@ -210,9 +214,10 @@ def _sgd_step(params: list[nn.Parameter], lr: float) -> None:
     it), without its per-step bookkeeping, which on a small model costs about a
     third of a step; nor is there an optimizer to build for every client.
     """
-    for p in params:
-        if p.grad is not None:
-            p.add_(p.grad, alpha=-lr)
+    stepped: list[torch.Tensor] = [p for p in params if p.grad is not None]
+    grads: list[torch.Tensor] = [cast(torch.Tensor, p.grad) for p in stepped]
+    # One foreach call, not one add_ a tensor: the same per-element update.
+    torch._foreach_add_(stepped, grads, alpha=-lr)
 
 
 @torch.no_grad()
