@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -36,6 +36,9 @@ from .output import (
     print_report,
 )
 from .progress import install_round_handler
+
+if TYPE_CHECKING:  # the engine loads Flower: only when a command runs it
+    from fedscale.simulations.workers import Workers
 
 __all__ = ["app", "run"]
 
@@ -303,13 +306,13 @@ def simulate(
         ),
     ] = True,
     workers: Annotated[
-        int,
+        str,
         typer.Option(
-            min=0,
             help="In-process engine: worker processes for the clients trained one by one "
-            "(same results; 1: this process alone; 0: one per CPU core).",
+            "(same results). auto: one per CPU core once clients take 1 ms or more each; "
+            "N: that many (1: this process alone; 0: one per core).",
         ),
-    ] = 1,
+    ] = "auto",
     out: OutOpt = None,
     resume: Resume = False,
     metrics_port: MetricsPort = 0,
@@ -373,7 +376,7 @@ def simulate(
                     engine=_engine(engine),
                     ray_address=ray_address,
                     fast_path=fast_path,
-                    workers=workers,
+                    workers=_workers(workers),
                 )
             output.summary(
                 result.rounds,
@@ -746,6 +749,22 @@ def _option_value(name: str, value: Any) -> Any:
     if name == "strategy_args":
         return " ".join(value or ())
     return value
+
+
+def _workers(value: str) -> Workers:
+    """``--workers``: auto, or a count of worker processes (0: one per CPU core)."""
+    if value == "auto":  # fedscale.simulations.workers.AUTO, not imported before it runs
+        return "auto"
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise typer.BadParameter(
+            f"expected 'auto' or an integer >= 0 (0: one per CPU core), got {value!r}",
+            param_hint="--workers",
+        )
+    return count
 
 
 def _engine(name: str) -> Any:

@@ -15,6 +15,8 @@ from fedscale.node_data import node_data
 from fedscale.runs import RunDirectory
 from fedscale.settings import RunSettings
 
+from .workers import AUTO, Workers
+
 if TYPE_CHECKING:
     from .system import SimulatedSystem
 
@@ -49,7 +51,7 @@ def simulate(
     dataset: str | Callable[[], Any] | None = None,
     model: str | Callable[..., Any] | None = None,
     fast_path: bool = True,
-    workers: int = 1,
+    workers: Workers = AUTO,
     **overrides: Any,
 ) -> SimulationResult:
     """Simulate a federation of ``clients`` nodes running fedscale's apps.
@@ -64,9 +66,11 @@ def simulate(
     default) trains each round's clients as one cohort when the model allows it,
     with the same results as one by one within float rounding (see
     :mod:`fedscale.simulations.cohort_delivery`); ``False`` trains them one by one.
-    ``workers`` (in-process engine; 1 by default, 0: one per CPU core) runs the
-    clients the fast path leaves in that many worker processes, with the same
-    results (see :mod:`fedscale.simulations.workers`).
+    ``workers`` (in-process engine) runs the clients the fast path leaves in
+    worker processes, with the same results: ``auto`` (the default) one per CPU
+    core once a round's clients take a millisecond or more each, a count that
+    many (1: this process alone, 0: one per core); see
+    :mod:`fedscale.simulations.workers`.
     """
     if dataset is not None:
         overrides["dataset"] = _register(dataset, engine, register_dataset, "dataset")
@@ -133,7 +137,7 @@ def run_apps(
     ray_address: str | None = None,
     system: SimulatedSystem | None = None,
     fast_path: bool = True,
-    workers: int = 1,
+    workers: Workers = AUTO,
 ) -> None:
     """Run any Flower ServerApp and ClientApp (objects or ``MODULE:ATTR``) together.
 
@@ -141,7 +145,7 @@ def run_apps(
     virtual clock: only online nodes are offered to the strategy. ``fast_path``
     (in-process engine only) applies to fedscale's own ClientApp; see
     :func:`~fedscale.simulations.engine.run_in_process`, as does ``workers``
-    (worker processes; 1: this process alone).
+    (worker processes: ``auto``, or a count; 1: this process alone).
     """
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
@@ -163,7 +167,7 @@ def run_apps(
     elif engine == "ray":
         if system is not None:
             raise ConfigError("system: simulated devices need the in-process engine, got ray")
-        if workers != 1:
+        if workers not in (1, AUTO):
             raise ConfigError(
                 f"workers: worker processes belong to the in-process engine, got {workers} "
                 "with engine 'ray' (Ray runs its own actors)"

@@ -21,7 +21,7 @@ from ._flower import (
     server_task_identity,
 )
 from .grid import BatchDelivery, GridStats, InProcessGrid, NodeConfigFn
-from .workers import resolve_workers, worker_pool
+from .workers import AUTO, Workers, resolve_workers, worker_delivery
 
 if TYPE_CHECKING:
     from .system import SimulatedSystem
@@ -48,7 +48,7 @@ def run_in_process(
     system: SimulatedSystem | None = None,
     torch_threads: int | None = 1,
     fast_path: bool = True,
-    workers: int = 1,
+    workers: Workers = AUTO,
 ) -> EngineRun:
     """Run ``server_app`` against ``num_nodes`` virtual nodes running ``client_app``.
 
@@ -69,13 +69,14 @@ def run_in_process(
     rounding; everything else, and every other ClientApp, is delivered one
     message at a time.
 
-    ``workers`` (1 by default: this process alone; 0: one per CPU core) forks
-    that many worker processes, once the apps are loaded, to call the ClientApp
-    for the messages the fast path leaves, with the same results (see
-    :mod:`.workers`); the grid, the nodes' contexts and the simulated system stay
-    in this process.
+    ``workers`` forks worker processes to call the ClientApp for the messages
+    the fast path leaves, with the same results (see :mod:`.workers`): ``auto``
+    (the default) one per CPU core once a batch shows they pay (clients that
+    take a millisecond or more each), a count that many once the apps are
+    loaded (1: this process alone; 0: one per core). The grid, the nodes'
+    contexts and the simulated system stay in this process.
     """
-    count = resolve_workers(workers)
+    resolve_workers(workers)  # a bad value fails before anything runs
     run_id = new_run_id()
     context = server_context(run_id, run_config)
     cohorts = _fast_path(client_app) if fast_path else None
@@ -85,7 +86,7 @@ def run_in_process(
         fast_array_codec(),
         fast_record_views(),
         _torch_threads(torch_threads),
-        worker_pool(client_app, count) as pool,
+        worker_delivery(client_app, workers) as delivery,
     ):
         grid = InProcessGrid(
             client_app,
@@ -94,7 +95,7 @@ def run_in_process(
             run_config=run_config,
             node_config=node_config,
             system=system,
-            fast_path=cohorts if pool is None else _then(cohorts, pool.deliver),
+            fast_path=cohorts if delivery is None else _then(cohorts, delivery),
         )
         server_app(grid, context)
     return EngineRun(run_id=run_id, server_context=context, stats=grid.stats)

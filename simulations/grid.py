@@ -257,6 +257,10 @@ class InProcessGrid(Grid):
         else:
             self._contexts.pop(node_id, None)
 
+    def deliver_here(self, message: Message) -> Message:
+        """Call the ClientApp for ``message`` in this process, as the general path does."""
+        return self._deliver(message)
+
     def _deliver(self, message: Message) -> Message:
         node_id = message.metadata.dst_node_id
         self.stats.messages += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from fedscale.exceptions import ConfigError
 from fedscale.simulations import simulate
 from fedscale.simulations._flower import FIRST_CLIENT_NODE_ID
 from fedscale.simulations.engine import run_in_process
-from fedscale.simulations.workers import resolve_workers
+from fedscale.simulations.workers import AutoWorkers, resolve_workers
 from tests.simulations import plain_flower_app as plain
 
 pytestmark = [
@@ -74,7 +75,21 @@ def test_digits_mlp_two_workers_give_the_same_metrics_as_one(tmp_path, fast_path
     assert all(r["clients_replied"] == 12 for r in runs[2].rounds[1:])
 
 
-def test_synthetic_with_a_device_mix_two_workers_give_the_same_metrics_as_one(tmp_path):
+@pytest.mark.parametrize(
+    "workers",
+    [
+        2,
+        pytest.param(
+            "auto",
+            marks=pytest.mark.skipif(
+                len(os.sched_getaffinity(0)) < 2,
+                reason="auto starts workers only with two or more cores",
+            ),
+        ),
+    ],
+)
+def test_synthetic_with_a_device_mix_workers_give_the_same_metrics_as_one(tmp_path, workers):
+    # Synthetic clients take milliseconds each: "auto" starts workers in round 1.
     runs = {
         w: simulate(
             out=str(tmp_path / f"w{w}"),
@@ -87,11 +102,11 @@ def test_synthetic_with_a_device_mix_two_workers_give_the_same_metrics_as_one(tm
             fast_path=False,
             workers=w,
         )
-        for w in (1, 2)
+        for w in (1, workers)
     }
-    _assert_same_metrics(runs[1], runs[2])
+    _assert_same_metrics(runs[1], runs[workers])
     # The virtual clock ran: simulated time is in the rows, and it advanced.
-    assert runs[2].rounds[-1]["sim_elapsed"] > 0
+    assert runs[workers].rounds[-1]["sim_elapsed"] > 0
 
 
 # ---------------------------------------------------------------- Flower's semantics
@@ -167,6 +182,7 @@ def _train(msg: Message, context: Context) -> Message:
     if marker and pid == KILLED_PARTITION and not Path(str(marker)).exists():
         Path(str(marker)).write_text("killed once")
         os.kill(os.getpid(), signal.SIGKILL)  # dies mid-call, as a segfault would
+    time.sleep(float(context.run_config.get("sleep-ms", 0)) / 1000)  # a client with work
     metrics = MetricRecord({"pid": os.getpid(), "partition": pid})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
@@ -231,11 +247,42 @@ def test_a_worker_killed_mid_call_fails_that_message_and_the_run_goes_on(tmp_pat
 
 
 def test_workers_count_is_checked():
-    assert resolve_workers(0) == len(os.sched_getaffinity(0))
+    assert resolve_workers(0) == resolve_workers("auto") == len(os.sched_getaffinity(0))
     assert resolve_workers(3) == 3
-    for bad in (-1, 1.5, True, "2"):
-        with pytest.raises(ConfigError, match="workers: expected an integer >= 0"):
+    for bad in (-1, 1.5, True, "2", "Auto"):
+        with pytest.raises(ConfigError, match="workers: expected 'auto' or an integer >= 0"):
             resolve_workers(bad)
+
+
+# A batch large enough to share: the 8 probed here, then at least 4 per worker.
+AUTO_NODES = AutoWorkers.PROBE + AutoWorkers.MIN_SHARE * 2 + 4
+two_cores = pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2, reason="auto starts workers only with two or more cores"
+)
+
+
+@two_cores
+def test_auto_starts_workers_once_client_calls_take_a_millisecond():
+    run_in_process(
+        pid_server, pid_app, num_nodes=AUTO_NODES, run_config={"sleep-ms": 3}, workers="auto"
+    )
+    parent = os.getpid()
+    (first, errors), *later = OBSERVED
+    assert not errors and sorted(first) == list(range(AUTO_NODES))
+    # The first batch's probe is served here; its rest and every later batch by workers.
+    here = sorted(p for p, pid in first.items() if pid == parent)
+    assert here == list(range(AutoWorkers.PROBE))
+    assert all(pid != parent for served, _ in later for pid in served.values())
+    workers = _serving_pids() - {parent}
+    assert len(workers) == len(os.sched_getaffinity(0))
+    assert all(_gone(pid) for pid in workers), "stopped when the run ended"
+
+
+@two_cores
+def test_auto_keeps_quick_clients_in_this_process():
+    run_in_process(pid_server, pid_app, num_nodes=AUTO_NODES, run_config={}, workers="auto")
+    assert _serving_pids() == {os.getpid()}
+    assert all(len(served) == AUTO_NODES for served, _ in OBSERVED)
 
 
 # ---------------------------------------------------------------- the scalability law
