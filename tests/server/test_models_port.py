@@ -99,7 +99,10 @@ def test_server_publishes_its_models_while_the_run_lasts(tmp_path):
                 break
             if status == 200:
                 manifest = Manifest.loads(body)
-                status, data = _get(models_port, f"/{manifest.file}")
+                try:
+                    status, data = _get(models_port, f"/{manifest.file}")
+                except OSError:  # the run ended between the two requests
+                    break
                 if status == 200:  # else pruned between the two requests: poll again
                     assert hashlib.sha256(data).hexdigest() == manifest.sha256
                     seen[manifest.round] = manifest
