@@ -17,8 +17,8 @@ One run measures (issue 4's scaling report):
    every round; (b) ``ray``: ``simulate(engine="ray")``, fedscale's apps on
    Flower's Ray engine; (c) ``general``: fedscale's in-process engine, one
    ClientApp call per message (``fast_path=False``), with its default
-   ``workers="auto"`` (worker processes on every core once clients take a
-   millisecond or more each: on synthetic, not on digits); (d) ``fast``: the same engine
+   ``workers="auto"`` (worker processes on every core once a client's call costs
+   4x or more its message's wire form: on synthetic, not on digits); (d) ``fast``: the same engine
    training each round's cohort at once (``fast_path=True``). The fedscale variants
    run with ``export-onnx = false``, so every variant does training only.
 
@@ -201,7 +201,7 @@ def run_fedscale(variant: str, w: dict[str, Any], out: Path) -> None:
         _settings(w, out),
         engine="ray" if variant == "ray" else "inprocess",
         fast_path=variant == "fast",
-        workers=w.get("workers", "auto"),  # the default: workers once clients take 1 ms
+        workers=w.get("workers", "auto"),  # the default: workers where they pay
     )
 
 

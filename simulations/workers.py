@@ -199,19 +199,23 @@ def worker_delivery(client_app: ClientApp, workers: Workers) -> Iterator[BatchDe
 class AutoWorkers:
     """Call the ClientApp in this process until a batch shows worker processes pay.
 
-    Worker processes cost a fork and, per message, its wire form both ways
-    (tens of microseconds): measured on two cores, two workers were 1.3-1.7x
-    faster for synthetic clients that take 3-5 ms each, and 10% slower for
-    digits clients of 0.4 ms. So each batch's first :data:`PROBE` messages are
-    delivered here and timed; once their median ClientApp call takes at least
-    :data:`MIN_CALL_SECONDS` and the rest of the batch is large enough to share
+    With workers, the parent encodes and decodes each message's wire form (W a
+    message) while the workers call the ClientApp (C a message) and do their own
+    half of the wire form: about C + 2W of CPU a message instead of C. On two
+    cores that pays about 2C / (C + 2W): measured, 1.7x for synthetic clients
+    (C/W about 11) and 0.9x for digits clients (C/W about 2). So each batch's
+    first :data:`PROBE` messages are delivered here, each call timed, and W is
+    timed on the last of them (:func:`_wire_seconds`); once the median call is
+    at least :data:`MIN_CALL_TO_WIRE` times W (about 1.3x by that estimate;
+    both scale with the machine's speed and load, so a slow machine does not tip
+    tiny clients over) and the rest of the batch is large enough to share
     (:data:`MIN_SHARE` messages per worker), ``count`` workers are forked and
     deliver that rest and every later batch. The results are the same either way
     (see :class:`WorkerPool`), as is the order replies are aggregated in.
     """
 
     PROBE = 8
-    MIN_CALL_SECONDS = 1e-3
+    MIN_CALL_TO_WIRE = 4.0
     MIN_SHARE = 4
 
     def __init__(self, client_app: ClientApp, count: int) -> None:
@@ -239,11 +243,15 @@ class AutoWorkers:
             seconds.append(time.perf_counter() - started)
         # The median: a run's first call also builds the model and loads the data.
         typical = statistics.median(seconds)
-        if typical < self.MIN_CALL_SECONDS:
+        last = messages[self.PROBE - 1]
+        wire = _wire_seconds(grid, last, replies[last.metadata.message_id])
+        if typical < self.MIN_CALL_TO_WIRE * wire:
             return replies  # the grid delivers the rest here too
         log.info(
-            "ClientApp calls take %.1f ms each: starting %d worker processes",
+            "ClientApp calls take %.2f ms each, %.0fx their wire form: starting %d worker "
+            "processes",
             typical * 1e3,
+            typical / wire,
             self._count,
         )
         self._cap.enter_context(_one_native_thread())
@@ -258,6 +266,26 @@ class AutoWorkers:
                 self._pool.close()
         finally:
             self._cap.close()
+
+
+def _wire_seconds(grid: InProcessGrid, message: Message, reply: Message) -> float:
+    """Time what the parent does for one message with workers (:meth:`WorkerPool.deliver`).
+
+    It encodes the message's metadata and the node's ``Context`` without the run
+    config, and decodes the reply and the node's state that come back; a batch's
+    shared content goes once, and the worker encodes the reply, so neither counts.
+    """
+    node_id = message.metadata.dst_node_id
+    context = grid.node_context(node_id)
+    encoded_reply = encode_message(reply)
+    returned = encode_context(Context(context.run_id, node_id, {}, context.state, {}))
+    started = time.perf_counter()
+    encode_metadata(message)
+    context.run_config = {}
+    encode_context(context)
+    decode_message(encoded_reply)
+    decode_context(returned)
+    return time.perf_counter() - started
 
 
 @contextmanager
