@@ -202,20 +202,21 @@ class AutoWorkers:
     With workers, the parent encodes and decodes each message's wire form (W a
     message) while the workers call the ClientApp (C a message) and do their own
     half of the wire form: about C + 2W of CPU a message instead of C. On two
-    cores that pays about 2C / (C + 2W): measured, 1.7x for synthetic clients
-    (C/W about 11) and 0.9x for digits clients (C/W about 2). So each batch's
-    first :data:`PROBE` messages are delivered here, each call timed, and W is
-    timed on the last of them (:func:`_wire_seconds`); once the median call is
-    at least :data:`MIN_CALL_TO_WIRE` times W (about 1.3x by that estimate;
-    both scale with the machine's speed and load, so a slow machine does not tip
-    tiny clients over) and the rest of the batch is large enough to share
+    cores that pays at best 2C / (C + 2W), less the pipes' latency: measured,
+    1.7x for synthetic clients (C/W 10-15) and 0.9x for digits clients (C/W
+    2.5-3, where that bound says 1.15x). So each batch's first :data:`PROBE`
+    messages are delivered here, each call timed, and W is timed on the last of
+    them (:func:`_wire_seconds`); once the median call is at least
+    :data:`MIN_CALL_TO_WIRE` times W (between the two, with room for timing
+    noise; both scale with the machine's speed and load, so a slow machine does
+    not tip tiny clients over) and the rest of the batch is large enough to share
     (:data:`MIN_SHARE` messages per worker), ``count`` workers are forked and
     deliver that rest and every later batch. The results are the same either way
     (see :class:`WorkerPool`), as is the order replies are aggregated in.
     """
 
     PROBE = 8
-    MIN_CALL_TO_WIRE = 4.0
+    MIN_CALL_TO_WIRE = 6.0
     MIN_SHARE = 4
 
     def __init__(self, client_app: ClientApp, count: int) -> None:
