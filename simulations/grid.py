@@ -188,7 +188,7 @@ class InProcessGrid(Grid):
             self._replies.update(self._fast_path(self, batch))
         for message in batch:
             if message.metadata.message_id not in self._replies:
-                self._replies[message.metadata.message_id] = self._deliver(message)
+                self._replies[message.metadata.message_id] = self.deliver_here(message)
         return [self._replies.pop(i) for i in wanted if i in self._replies]
 
     def send_and_receive(
@@ -258,10 +258,7 @@ class InProcessGrid(Grid):
             self._contexts.pop(node_id, None)
 
     def deliver_here(self, message: Message) -> Message:
-        """Call the ClientApp for ``message`` in this process, as the general path does."""
-        return self._deliver(message)
-
-    def _deliver(self, message: Message) -> Message:
+        """Call the ClientApp for ``message`` in this process: the general path."""
         node_id = message.metadata.dst_node_id
         self.stats.messages += 1
         unavailable = self.unavailable_reply(message)

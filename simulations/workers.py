@@ -223,12 +223,7 @@ class AutoWorkers:
         self._client_app = client_app
         self._count = count
         self._pool: WorkerPool | None = None
-        self._cap = ExitStack()
-
-    @property
-    def pool(self) -> WorkerPool | None:
-        """The worker processes, once started."""
-        return self._pool
+        self._started = ExitStack()  # the worker_pool context, once entered
 
     def deliver(self, grid: InProcessGrid, messages: list[Message]) -> dict[str, Message]:
         """Deliver ``messages``: probe here first, through the workers once they pay."""
@@ -255,18 +250,14 @@ class AutoWorkers:
             typical / wire,
             self._count,
         )
-        self._cap.enter_context(_one_native_thread())
-        self._pool = WorkerPool(self._client_app, self._count)
-        replies.update(self._pool.deliver(grid, messages[self.PROBE :]))
+        self._pool = self._started.enter_context(worker_pool(self._client_app, self._count))
+        if self._pool is not None:
+            replies.update(self._pool.deliver(grid, messages[self.PROBE :]))
         return replies
 
     def close(self) -> None:
-        """Stop the workers, if they were started, and lift the native thread cap."""
-        try:
-            if self._pool is not None:
-                self._pool.close()
-        finally:
-            self._cap.close()
+        """Stop the workers, if they were started (:func:`worker_pool` does)."""
+        self._started.close()
 
 
 def _wire_seconds(grid: InProcessGrid, message: Message, reply: Message) -> float:
