@@ -162,7 +162,7 @@ class CheckpointStore:
         data = _model_bytes(server_round, arrays)
         path = self.model_path(server_round)
         atomic_write(path, data)
-        return path, hashlib.sha256(data).hexdigest()
+        return path, _sha256(data)
 
     def commit(self, checkpoint: Checkpoint) -> None:
         """Write ``checkpoint``, its model file included, and commit it."""

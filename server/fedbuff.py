@@ -916,7 +916,8 @@ class _FedBuff:
         }
 
     def _commit(self, record: RoundRecord) -> None:
-        # The flush's commit point: a crash after it loses only jobs in flight.
+        # The flush's commit point, written in the background (BackgroundCommits):
+        # once it lands, a crash loses only jobs in flight.
         rng_meta, rng_arrays = rng_state()
         self.checkpoints.commit(
             Checkpoint(
