@@ -8,6 +8,7 @@ that :func:`stop` ends by the leader's PID.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -44,9 +45,38 @@ def flower_executable(name: str) -> str:
     return found
 
 
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_PORT_TRIES = 64
+
+
+def _first_ephemeral_port() -> int:
+    """Return where the range the kernel takes outgoing connections' ports from starts."""
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that was free on ``host`` a moment ago."""
+    """Return a TCP port that was free on ``host`` a moment ago.
+
+    Chosen below the ephemeral range where there is room: a port the kernel
+    hands out (``bind(0)``) can be taken again by any outgoing connection, such
+    as a SuperNode dialling its SuperLink, in the moment before the process it
+    was chosen for binds it. A random pick below the range is only ever taken
+    by another deliberate pick.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    low = _first_ephemeral_port()
+    candidates = range(max(1024, low // 2), low) if low > 2048 else range(0)
+    rng = random.SystemRandom()
+    for port in (rng.choice(candidates) for _ in range(_PORT_TRIES if candidates else 0)):
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
@@ -210,7 +240,7 @@ def wait_for_port(
         if process is not None and process.poll() is not None:
             raise LaunchError(
                 f"{what} exited with code {process.returncode} before listening on "
-                f"{host}:{port}" + (f"; see {log_file}" if log_file else "")
+                f"{host}:{port}" + (f"; see {log_file}" if log_file else "") + _tail(log_file)
             )
         try:
             with socket.create_connection((host, port), timeout=0.5):
@@ -221,4 +251,18 @@ def wait_for_port(
     raise LaunchError(
         f"expected {what} to listen on {host}:{port} within {timeout:g} s; it did not"
         + (f"; see {log_file}" if log_file else "")
+        + _tail(log_file)
     )
+
+
+def _tail(log_file: Path | None, lines: int = 15) -> str:
+    """Return the last lines of a log, to put the cause of a failed start in its error."""
+    if log_file is None:
+        return ""
+    try:
+        text = log_file.read_text(errors="replace").rstrip()
+    except OSError:
+        return ""
+    if not text:
+        return ""
+    return "; it ends with:\n" + "\n".join(text.splitlines()[-lines:])

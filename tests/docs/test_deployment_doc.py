@@ -69,7 +69,14 @@ def test_the_deployment_steps_run_on_one_machine(tmp_path):
     doc = Doc(DEPLOYMENT, tmp_path, substitute=on_server, timeout=60)
 
     with doc.background(server_block, folders=[server_dir]) as [(server, server_log)]:
-        wait_for_port("127.0.0.1", port, timeout=60, process=server, what="fedscale server")
+        wait_for_port(
+            "127.0.0.1",
+            port,
+            timeout=60,
+            process=server,
+            what="fedscale server",
+            log_file=server_log,
+        )
         with doc.background(
             clients_block,
             substitutes=[{**on_server, "8080": str(d)} for d in devices],

@@ -33,7 +33,14 @@ def test_the_quickstart_runs_as_written(tmp_path):
                 continue
             if block.marker == "background":
                 [(server, log)] = stack.enter_context(doc.background(block))
-                wait_for_port("127.0.0.1", http, timeout=60, process=server, what="fedscale serve")
+                wait_for_port(
+                    "127.0.0.1",
+                    http,
+                    timeout=60,
+                    process=server,
+                    what="fedscale serve",
+                    log_file=log,
+                )
                 continue
             doc.run_block(block)
         health, metadata, answer = doc.outputs[-2].splitlines() + doc.outputs[-1].splitlines()

@@ -23,7 +23,7 @@ from fedscale.edge_client.supernode import (
 )
 from fedscale.exceptions import ConfigError
 from fedscale.processes import free_port, start, stop, wait_for_port
-from fedscale.server.launcher import superlink_argv
+from tests.server.deployment import start_superlink
 
 FEDSCALE = [sys.executable, "-m", "fedscale.cli"]
 
@@ -164,14 +164,8 @@ def _wait_for(log: Path, pattern: str, process, timeout: float = 120.0) -> re.Ma
 def superlink(tmp_path):
     port = free_port()
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0"}
-    process = start(
-        superlink_argv(port),
-        log_file=tmp_path / "superlink.log",
-        env=env,
-        cwd=tmp_path,
-    )
+    process = start_superlink(tmp_path, env, port)
     try:
-        wait_for_port("127.0.0.1", port, timeout=60, process=process, what="flower-superlink")
         yield port, env
     finally:
         stop(process)

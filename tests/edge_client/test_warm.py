@@ -24,10 +24,11 @@ from fedscale.edge_client.warm import WarmOptions, _fresh_random_state
 from fedscale.exceptions import ConfigError
 from fedscale.flower_app import write_app_dir
 from fedscale.modelstore import Manifest, ModelDirectory
-from fedscale.processes import flower_executable, free_port, start, stop, wait_for_port
+from fedscale.processes import flower_executable, free_port, start, stop
 from fedscale.runs import RunDirectory
-from fedscale.server.launcher import CONNECTION_NAME, flwr_home_config, superlink_argv
+from fedscale.server.launcher import CONNECTION_NAME, flwr_home_config
 from fedscale.settings import RunSettings
+from tests.server.deployment import start_superlink
 
 FEDSCALE = [sys.executable, "-m", "fedscale.cli"]
 ROUNDS = 2
@@ -66,16 +67,9 @@ def _federation(
         out=str(run),
     )
     app_dir = write_app_dir(tmp_path / "app", settings.to_run_config())
-    superlink = start(
-        superlink_argv(port),
-        log_file=tmp_path / "superlink.log",
-        env=env,
-        cwd=tmp_path,
-    )
-    processes = [superlink]
+    processes = [start_superlink(tmp_path, env, port)]
     logs = [tmp_path / f"client{i}.log" for i in range(len(data))]
     try:
-        wait_for_port("127.0.0.1", port, timeout=60, process=superlink, what="flower-superlink")
         for log, options in zip(logs, data, strict=True):
             argv = [
                 *FEDSCALE,

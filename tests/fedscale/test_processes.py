@@ -66,6 +66,32 @@ def test_wait_for_port_fails_clearly_when_the_process_dies(tmp_path):
     stop(process)
 
 
+def test_wait_for_port_puts_the_end_of_the_log_in_its_error(tmp_path):
+    log = tmp_path / "log"
+    process = start(
+        [
+            sys.executable,
+            "-c",
+            "import sys; print('bind: address in use', file=sys.stderr); raise SystemExit(2)",
+        ],
+        log_file=log,
+    )
+    with pytest.raises(LaunchError, match=r"(?s)exited with code 2 .*bind: address in use"):
+        wait_for_port("127.0.0.1", free_port(), timeout=20, process=process, log_file=log)
+    stop(process)
+
+
+def test_free_ports_come_from_below_the_ephemeral_range_and_can_be_bound():
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(20)]
+    # An outgoing connection's local port comes from [low, high]: none of these can be one.
+    assert all(1024 <= port < low for port in ports), (low, ports)
+    assert len(set(ports)) > 1  # picked at random, so two tests rarely pick alike
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
 def test_wait_for_port_sees_a_listener():
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from subprocess import Popen
 
-from fedscale.processes import free_port, start
+from fedscale.processes import free_port, start, stop, wait_for_port
+from fedscale.server.launcher import superlink_argv
 
 FEDSCALE = [sys.executable, "-m", "fedscale.cli"]
 
@@ -27,6 +28,20 @@ def start_server(
 ) -> Popen[bytes]:
     """Start ``fedscale server OPTIONS``, logging to ``tmp_path / log``."""
     return start([*FEDSCALE, "server", *options], log_file=tmp_path / log, env=env)
+
+
+def start_superlink(tmp_path: Path, env: dict[str, str], port: int) -> Popen[bytes]:
+    """Start a plain ``flower-superlink`` on 127.0.0.1:``port`` and wait until it listens."""
+    log = tmp_path / "superlink.log"
+    process = start(superlink_argv(port), log_file=log, env=env, cwd=tmp_path)
+    try:
+        wait_for_port(
+            "127.0.0.1", port, timeout=60, process=process, what="flower-superlink", log_file=log
+        )
+    except BaseException:
+        stop(process)
+        raise
+    return process
 
 
 def start_edge_client(

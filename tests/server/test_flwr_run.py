@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from fedscale.processes import flower_executable, free_port, start, stop, wait_for_port
+from fedscale.processes import flower_executable, free_port, start, stop
 from fedscale.runs import RunDirectory
-from fedscale.server.launcher import CONNECTION_NAME, flwr_home_config, superlink_argv
+from fedscale.server.launcher import CONNECTION_NAME, flwr_home_config
+from tests.server.deployment import start_superlink
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -24,15 +25,8 @@ def test_flwr_run_of_the_repository_trains_on_supernodes(tmp_path):
     port = free_port()
     (home / "config.toml").write_text(flwr_home_config(f"127.0.0.1:{port}"))
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"}
-    superlink = start(
-        superlink_argv(port),
-        log_file=tmp_path / "superlink.log",
-        env=env,
-        cwd=tmp_path,
-    )
-    processes = [superlink]
+    processes = [start_superlink(tmp_path, env, port)]
     try:
-        wait_for_port("127.0.0.1", port, timeout=60, process=superlink, what="flower-superlink")
         for i in range(2):
             processes.append(
                 start(
