@@ -58,6 +58,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .exceptions import ConfigError, DataError, ModelError
+from .linear_chain import Op, linear_chain
 from .models import CNN, MLP
 from .training import TrainResult
 
@@ -116,7 +117,7 @@ def cohort_support(model: nn.Module) -> CohortSupport:
     if not isinstance(model, nn.Module):
         return CohortSupport(False, f"expected a torch.nn.Module, got {name}")
     declared = type(model) in _COHORT_CLASSES or getattr(type(model), "supports_cohort", False)
-    if declared is not True and _linear_chain(model) is None:
+    if declared is not True and linear_chain(model) is None:
         return CohortSupport(
             False,
             f"model class {name} is not declared fit for cohort training (register it with "
@@ -147,7 +148,7 @@ def cohort_support(model: nn.Module) -> CohortSupport:
     not_float = [n for n, p in params.items() if not p.is_floating_point()]
     if not_float:
         return CohortSupport(False, f"model {name} has non-float parameters ({not_float[0]})")
-    method: Literal["linear", "vmap"] = "linear" if _linear_chain(model) is not None else "vmap"
+    method: Literal["linear", "vmap"] = "linear" if linear_chain(model) is not None else "vmap"
     return CohortSupport(True, "eligible", method)
 
 
@@ -237,7 +238,7 @@ def train_cohort(
     start = _start_params(model, state, device)
     xs, ys = _check_data(model, start, datasets)
     names = list(start)
-    chain = _linear_chain(model)
+    chain = linear_chain(model)
     if method == "linear" and chain is None:
         raise ModelError(
             f"cohort training: method 'linear' expects a stack of Flatten, Linear and ReLU "
@@ -581,36 +582,8 @@ def _vmap_step(model: nn.Module, names: list[str]) -> Step:
 
 # ------------------------------------------------------------------ the linear engine
 
-# One op of a linear chain: ("flatten",), ("relu",) or ("linear", weight name, bias name or "").
-_Op = tuple[str, ...]
 
-
-def _linear_chain(model: nn.Module) -> list[_Op] | None:
-    """Return ``model`` as a list of flatten, linear and relu ops, or None if it is not one."""
-    if type(model) is MLP:
-        seq, prefix = model.net, "net."
-    elif type(model) is nn.Sequential:
-        seq, prefix = model, ""
-    else:
-        return None
-    ops: list[_Op] = []
-    for i, layer in enumerate(seq):
-        name = f"{prefix}{i}"
-        if type(layer) is nn.Flatten and not ops and (layer.start_dim, layer.end_dim) == (1, -1):
-            ops.append(("flatten",))
-        elif type(layer) is nn.Linear:
-            bias = f"{name}.bias" if layer.bias is not None else ""
-            ops.append(("linear", f"{name}.weight", bias))
-        elif type(layer) is nn.ReLU:
-            ops.append(("relu",))
-        elif type(layer) is not nn.Identity:
-            return None
-    if not ops or ops[-1][0] != "linear":
-        return None
-    return ops
-
-
-def _linear_step(ops: list[_Op], names: list[str]) -> Step:
+def _linear_step(ops: list[Op], names: list[str]) -> Step:
     """Return a step that runs the chain forward and backward as batched matmuls.
 
     What autograd would compute for ``F.cross_entropy`` (a mean over each

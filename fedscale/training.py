@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .exceptions import ConfigError, DeviceError
+from .linear_chain import Op, train_chain, trainable_chain
 from .settings import parse_device_name
 
 __all__ = [
@@ -138,6 +139,12 @@ def train(
     global model). The term's gradient ``mu * (w - w_global)`` is added to the
     batch gradient exactly; the reported loss stays the cross-entropy alone, so
     it compares across strategies.
+
+    A plain stack of ``Linear`` and ``ReLU`` layers (the built-in ``mlp``) is
+    trained by :func:`fedscale.linear_chain.train_chain`, its backward pass
+    written out instead of recorded by autograd: the same batches, updates and
+    loss within float rounding, at under half the cost of a step on small models.
+    Any other model takes the autograd loop.
     """
     if not (math.isfinite(proximal_mu) and proximal_mu >= 0):
         raise ConfigError(f"proximal-mu: expected a finite number >= 0, got {proximal_mu!r}")
@@ -149,6 +156,23 @@ def train(
     anchors = _anchors(params, global_params) if proximal_mu > 0 else None
     generator = torch.Generator().manual_seed(seed)
     n = len(inputs)
+    chain = _chain_without_autograd(model, inputs, targets)
+    if chain is not None:
+        # A chain has only trainable parameters, so `params` names them all in order.
+        names = [name for name, _ in model.named_parameters()]
+        loss_sum, steps = train_chain(
+            model,
+            chain,
+            inputs,
+            targets,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            generator=generator,
+            proximal_mu=proximal_mu,
+            anchors=dict(zip(names, anchors, strict=True)) if anchors is not None else None,
+        )
+        return TrainResult(loss=loss_sum / n, num_examples=n, steps=steps)
     steps = 0
     epoch_loss = 0.0
     for _ in range(epochs):
@@ -171,6 +195,31 @@ def train(
             epoch_loss += float(loss.detach()) * (min(start + batch_size, n) - start)
             steps += 1
     return TrainResult(loss=epoch_loss / n, num_examples=n, steps=steps)
+
+
+def _chain_without_autograd(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+) -> list[Op] | None:
+    """Return ``model``'s linear chain if :func:`train_chain` can train it on this data.
+
+    Anything it would not train exactly as the autograd loop does (another
+    model, a frozen parameter, a hook, no samples, other dtypes or shapes,
+    labels outside the classes) takes the autograd loop, which also raises
+    its usual errors on bad data.
+    """
+    ops = trainable_chain(model)
+    if ops is None or len(inputs) == 0 or targets.dtype != torch.int64:
+        return None
+    first = model.get_parameter(ops[1 if ops[0][0] == "flatten" else 0][1])
+    last = model.get_parameter(ops[-1][1])
+    features = math.prod(inputs.shape[1:]) if ops[0][0] == "flatten" else None
+    if features is None and inputs.dim() != 2:
+        return None
+    if (features or inputs.shape[1]) != first.shape[1] or inputs.dtype != first.dtype:
+        return None
+    if targets.shape != (len(inputs),) or int(targets.min()) < 0:
+        return None
+    return ops if int(targets.max()) < last.shape[0] else None
 
 
 def _anchors(
