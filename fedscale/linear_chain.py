@@ -23,7 +23,8 @@ bookkeeping, not arithmetic, is most of a step. Neither ``torch.func`` nor
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -32,23 +33,28 @@ from torch.nn import functional as F
 
 from .models import MLP
 
-__all__ = ["Op", "linear_chain", "train_chain", "trainable_chain"]
+__all__ = ["Chain", "Op", "linear_chain", "train_chain", "trainable_chain"]
 
 # One op of a linear chain: ("flatten",), ("relu",) or ("linear", weight name, bias name or "").
 Op = tuple[str, ...]
 
 
+def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]] | None:
+    """Return the layers of ``model`` with their names, if it is the mlp or a Sequential."""
+    if type(model) is MLP:
+        return ((f"net.{i}", layer) for i, layer in enumerate(model.net))
+    if type(model) is nn.Sequential:
+        return ((str(i), layer) for i, layer in enumerate(model))
+    return None
+
+
 def linear_chain(model: nn.Module) -> list[Op] | None:
     """Return ``model`` as a list of flatten, linear and relu ops, or None if it is not one."""
-    if type(model) is MLP:
-        seq, prefix = model.net, "net."
-    elif type(model) is nn.Sequential:
-        seq, prefix = model, ""
-    else:
+    layers = _walk(model)
+    if layers is None:
         return None
     ops: list[Op] = []
-    for i, layer in enumerate(seq):
-        name = f"{prefix}{i}"
+    for name, layer in layers:
         if type(layer) is nn.Flatten and not ops and (layer.start_dim, layer.end_dim) == (1, -1):
             ops.append(("flatten",))
         elif type(layer) is nn.Linear:
@@ -63,36 +69,63 @@ def linear_chain(model: nn.Module) -> list[Op] | None:
     return ops
 
 
-def trainable_chain(model: nn.Module) -> list[Op] | None:
+@dataclass(frozen=True)
+class Chain:
+    """A chain's layers as :func:`train_chain` runs them."""
+
+    flatten: bool
+    """Whether the samples are flattened first."""
+    layers: tuple[tuple[torch.Tensor, ...], ...]
+    """Per layer: linear ``(weight,)`` or ``(weight, bias)``, detached; relu ``()``."""
+
+    @property
+    def in_features(self) -> int:
+        """Features the first linear layer takes."""
+        return int(self.layers[0][0].shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        """Logits the last linear layer gives."""
+        return int(self.layers[-1][0].shape[0])
+
+
+def trainable_chain(model: nn.Module, parameters: Sequence[nn.Parameter]) -> Chain | None:
     """Return ``model``'s chain if :func:`train_chain` trains it as autograd would, else None.
 
-    Beyond being a chain: every parameter is one of the chain's and trainable
-    (autograd leaves frozen ones alone), and no module carries hooks, which
-    would see the forward and backward calls this pass does not make.
+    ``parameters`` is ``list(model.parameters())``. Beyond being a chain: these
+    are exactly the chain's weights and biases, in order, all trainable
+    (autograd leaves frozen ones alone), and no module of the chain carries
+    hooks, which would see forward and backward calls this pass does not make.
     """
     ops = linear_chain(model)
     if ops is None:
         return None
-    names = {name for op in ops if op[0] == "linear" for name in op[1:] if name}
-    params = dict(model.named_parameters())
-    if set(params) != names or not all(p.requires_grad for p in params.values()):
+    seq = cast(nn.Sequential, model.net if type(model) is MLP else model)
+    modules = [model, seq, *seq] if seq is not model else [model, *seq]
+    if any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        for m in modules
+    ):
         return None
-    for module in model.modules():
-        if (
-            module._forward_hooks
-            or module._forward_pre_hooks
-            or module._backward_hooks
-            or module._backward_pre_hooks
-            or module._state_dict_hooks
-        ):
-            return None
-    return ops
+    layers: list[tuple[torch.Tensor, ...]] = []
+    chained: list[torch.Tensor] = []
+    for layer in seq:
+        if type(layer) is nn.Linear:
+            own = [layer.weight] if layer.bias is None else [layer.weight, layer.bias]
+            chained += own
+            layers.append(tuple(p.detach() for p in own))
+        elif type(layer) is nn.ReLU:
+            layers.append(())
+    if len(chained) != len(parameters) or any(
+        p is not q or not p.requires_grad for p, q in zip(chained, parameters, strict=False)
+    ):
+        return None
+    return Chain(flatten=ops[0][0] == "flatten", layers=tuple(layers))
 
 
 @torch.no_grad()
 def train_chain(
-    model: nn.Module,
-    ops: Sequence[Op],
+    chain: Chain,
     inputs: torch.Tensor,
     targets: torch.Tensor,
     *,
@@ -101,45 +134,31 @@ def train_chain(
     lr: float,
     generator: torch.Generator,
     proximal_mu: float = 0.0,
-    anchors: Mapping[str, torch.Tensor] | None = None,
+    anchors: Sequence[torch.Tensor] | None = None,
 ) -> tuple[float, int]:
-    """Train the chain ``model`` in place with plain SGD on mean cross-entropy.
+    """Train ``chain``'s parameters in place with plain SGD on mean cross-entropy.
 
     The batches are those :func:`fedscale.training.train` draws from
     ``generator`` (one ``randperm`` an epoch, consecutive slices of it), and each
     layer's update is ``W -= lr * grad``, fused into the product that computes
     the gradient after the layer below has used the weights from before it.
     Returns the last epoch's summed batch loss (each batch's mean times its
-    size) and the number of steps. ``targets`` must lie in the model's classes.
+    size) and the number of steps. ``targets`` must lie in the chain's classes.
 
-    With ``proximal_mu > 0``, FedProx's term adds ``mu * (W - anchors[name])``,
-    taken at the weights before the step, to each parameter's gradient, as
-    :func:`fedscale.training.train` adds it to autograd's.
+    With ``proximal_mu > 0``, FedProx's term adds ``mu * (W - anchor)``, taken
+    at the weights before the step, to each parameter's gradient, as
+    :func:`fedscale.training.train` adds it to autograd's; ``anchors`` are the
+    global weights, one per parameter in the chain's order.
     """
-    named = dict(model.named_parameters())
-    pulled = proximal_mu > 0 and anchors is not None
-    flatten = ops[0][0] == "flatten"
-    # Each linear layer's parameters, a relu as None; with the proximal term each
-    # parameter is paired with its anchor.
-    body: list[list[tuple[torch.Tensor, torch.Tensor | None]] | None] = []
-    for op in ops:
-        if op[0] == "relu":
-            body.append(None)
-        elif op[0] == "linear":
-            body.append(
-                [
-                    (named[name].detach(), anchors[name] if pulled and anchors else None)
-                    for name in op[1:]
-                    if name
-                ]
-            )
-    last = body[-1]
-    assert last is not None  # a chain ends with a linear op
-    num_classes = last[0][0].shape[0]
+    pulls_toward: list[tuple[torch.Tensor, ...]] = []
+    if proximal_mu > 0 and anchors is not None:
+        rest = iter(anchors)
+        pulls_toward = [tuple(next(rest) for _ in layer) for layer in chain.layers]
     n = len(inputs)
-    x_all = inputs.reshape(n, -1) if flatten else inputs
-    onehot_all = F.one_hot(targets, num_classes).to(x_all.dtype)
+    x_all = inputs.reshape(n, -1) if chain.flatten else inputs
+    onehot_all = F.one_hot(targets, chain.num_classes).to(x_all.dtype)
     loss_sum = torch.zeros((), dtype=torch.float64, device=inputs.device)
+    layers = chain.layers
     steps = 0
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator).to(inputs.device)
@@ -148,19 +167,18 @@ def train_chain(
         for start in range(0, n, batch_size):
             h = xs[start : start + batch_size]
             onehot = onehots[start : start + batch_size]
-            # Forward, keeping each layer's input (linear) or output (relu).
+            # Forward, keeping each linear layer's input and each relu's output.
             saved: list[torch.Tensor] = []
-            for layer in body:
-                if layer is None:
+            for layer in layers:
+                if not layer:
                     h = torch.relu(h)
                     saved.append(h)
                 else:
                     saved.append(h)
-                    weight = layer[0][0]
                     h = (
-                        torch.addmm(layer[1][0], h, weight.t())
+                        torch.addmm(layer[1], h, layer[0].t())
                         if len(layer) > 1
-                        else h.mm(weight.t())
+                        else h.mm(layer[0].t())
                     )
             log_p = torch.log_softmax(h, dim=1)
             loss_sum.sub_(torch.dot(log_p.view(-1), onehot.reshape(-1)))
@@ -168,21 +186,24 @@ def train_chain(
             # into each update's step size, so grad holds softmax - onehot.
             grad = log_p.exp_().sub_(onehot)
             alpha = -lr / len(onehot)
-            for k in range(len(body) - 1, -1, -1):
-                layer = body[k]
-                if layer is None:
+            for k in range(len(layers) - 1, -1, -1):
+                layer = layers[k]
+                if not layer:
                     grad = grad.mul_(saved[k] > 0)
                     continue
-                weight = layer[0][0]
+                weight = layer[0]
                 below = grad.mm(weight) if k > 0 else grad
-                if pulled:  # mu * (W - anchor) at the weights before the step
-                    pulls = [torch.sub(p, cast(torch.Tensor, anchor)) for p, anchor in layer]
+                # mu * (W - anchor), at the weights before the step
+                pulls = (
+                    [torch.sub(p, a) for p, a in zip(layer, pulls_toward[k], strict=True)]
+                    if pulls_toward
+                    else ()
+                )
                 weight.addmm_(grad.t(), saved[k], alpha=alpha)
                 if len(layer) > 1:
-                    layer[1][0].add_(grad.sum(dim=0), alpha=alpha)
-                if pulled:
-                    for (p, _), pull in zip(layer, pulls, strict=True):
-                        p.add_(pull, alpha=-lr * proximal_mu)
+                    layer[1].add_(grad.sum(dim=0), alpha=alpha)
+                for p, pull in zip(layer, pulls, strict=False):
+                    p.add_(pull, alpha=-lr * proximal_mu)
                 grad = below
             steps += 1
     return float(loss_sum), steps

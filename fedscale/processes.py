@@ -47,6 +47,7 @@ def flower_executable(name: str) -> str:
 
 _EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _PORT_TRIES = 64
+_FIRST_PICK = 20_000  # above Ray's default worker ports and the usual service ports
 
 
 def _first_ephemeral_port() -> int:
@@ -64,11 +65,12 @@ def free_port(host: str = "127.0.0.1") -> int:
     hands out (``bind(0)``) can be taken again by any outgoing connection, such
     as a SuperNode dialling its SuperLink, in the moment before the process it
     was chosen for binds it. A random pick below the range is only ever taken
-    by another deliberate pick.
+    by another deliberate pick. The picks start above Ray's default worker
+    ports (10002-19999), which a running Ray hands to its workers.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     low = _first_ephemeral_port()
-    candidates = range(max(1024, low // 2), low) if low > 2048 else range(0)
+    candidates = range(_FIRST_PICK, low) if low - _FIRST_PICK >= 1024 else range(0)
     rng = random.SystemRandom()
     for port in (rng.choice(candidates) for _ in range(_PORT_TRIES if candidates else 0)):
         with socket.socket(family, socket.SOCK_STREAM) as sock:

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .exceptions import ConfigError, DeviceError
-from .linear_chain import Op, train_chain, trainable_chain
+from .linear_chain import Chain, train_chain, trainable_chain
 from .settings import parse_device_name
 
 __all__ = [
@@ -152,16 +152,15 @@ def train(
     model.train()
     inputs = _as_tensor(x, device)
     targets = _as_tensor(y, device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    parameters = list(model.parameters())
+    params = [p for p in parameters if p.requires_grad]
     anchors = _anchors(params, global_params) if proximal_mu > 0 else None
     generator = torch.Generator().manual_seed(seed)
     n = len(inputs)
-    chain = _chain_without_autograd(model, inputs, targets)
+    chain = _chain_without_autograd(model, parameters, inputs, targets)
     if chain is not None:
-        # A chain has only trainable parameters, so `params` names them all in order.
-        names = [name for name, _ in model.named_parameters()]
+        # A chain's parameters are all trainable: `anchors` follow them in order.
         loss_sum, steps = train_chain(
-            model,
             chain,
             inputs,
             targets,
@@ -170,7 +169,7 @@ def train(
             lr=lr,
             generator=generator,
             proximal_mu=proximal_mu,
-            anchors=dict(zip(names, anchors, strict=True)) if anchors is not None else None,
+            anchors=anchors,
         )
         return TrainResult(loss=loss_sum / n, num_examples=n, steps=steps)
     steps = 0
@@ -198,8 +197,11 @@ def train(
 
 
 def _chain_without_autograd(
-    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
-) -> list[Op] | None:
+    model: nn.Module,
+    parameters: list[nn.Parameter],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+) -> Chain | None:
     """Return ``model``'s linear chain if :func:`train_chain` can train it on this data.
 
     Anything it would not train exactly as the autograd loop does (another
@@ -207,19 +209,21 @@ def _chain_without_autograd(
     labels outside the classes) takes the autograd loop, which also raises
     its usual errors on bad data.
     """
-    ops = trainable_chain(model)
-    if ops is None or len(inputs) == 0 or targets.dtype != torch.int64:
+    chain = trainable_chain(model, parameters)
+    if chain is None or len(inputs) == 0 or targets.dtype != torch.int64:
         return None
-    first = model.get_parameter(ops[1 if ops[0][0] == "flatten" else 0][1])
-    last = model.get_parameter(ops[-1][1])
-    features = math.prod(inputs.shape[1:]) if ops[0][0] == "flatten" else None
-    if features is None and inputs.dim() != 2:
+    if chain.flatten:
+        features = math.prod(inputs.shape[1:])
+    elif inputs.dim() == 2:
+        features = inputs.shape[1]
+    else:
         return None
-    if (features or inputs.shape[1]) != first.shape[1] or inputs.dtype != first.dtype:
+    if features != chain.in_features or inputs.dtype != chain.layers[0][0].dtype:
         return None
-    if targets.shape != (len(inputs),) or int(targets.min()) < 0:
+    if targets.shape != (len(inputs),):
         return None
-    return ops if int(targets.max()) < last.shape[0] else None
+    low, high = targets.aminmax()
+    return chain if 0 <= int(low) and int(high) < chain.num_classes else None
 
 
 def _anchors(

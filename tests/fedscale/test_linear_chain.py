@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedscale.datasets import load_dataset
-from fedscale.linear_chain import linear_chain, trainable_chain
+from fedscale.linear_chain import linear_chain
 from fedscale.models import build_model
 from fedscale.synthetic import Synthetic
 from fedscale.training import _chain_without_autograd, train
@@ -65,7 +65,8 @@ def test_train_on_a_chain_matches_torch_sgd_on_autograd(model_name):
         return build_model("mlp", shape, classes, seed=3)
 
     ours, reference = fresh(), fresh()
-    assert _chain_without_autograd(ours, torch.from_numpy(x.copy()), torch.from_numpy(y.copy())), (
+    inputs, targets = torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
+    assert _chain_without_autograd(ours, list(ours.parameters()), inputs, targets), (
         "train() must take the hand-written pass here, or this test compares autograd to itself"
     )
     result = train(ours, x, y, epochs=3, batch_size=batch, lr=0.05, device=CPU, seed=4)
@@ -93,20 +94,23 @@ def test_only_chains_autograd_would_train_alike_take_the_hand_written_pass():
     def mlp() -> nn.Module:
         return build_model("mlp", ds.sample_shape, ds.num_classes, seed=0)
 
-    assert _chain_without_autograd(mlp(), x, y) is not None
+    def _without_autograd(model, x, y):
+        return _chain_without_autograd(model, list(model.parameters()), x, y)
+
+    assert _without_autograd(mlp(), x, y) is not None
     frozen = mlp()
     next(frozen.parameters()).requires_grad_(False)
     hooked = mlp()
     hooked.net[2].register_forward_hook(lambda module, args, out: None)
     conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 10))
     assert linear_chain(conv) is None
-    assert trainable_chain(frozen) is None and trainable_chain(hooked) is None
-    assert _chain_without_autograd(mlp(), x[:0], y[:0]) is None  # no samples
-    assert _chain_without_autograd(mlp(), x.double(), y) is None  # another dtype
-    assert _chain_without_autograd(mlp(), x, y.int()) is None  # labels not int64
-    assert _chain_without_autograd(mlp(), x[..., :4], y) is None  # another width
-    assert _chain_without_autograd(mlp(), x, torch.full_like(y, 10)) is None  # not a class
-    assert _chain_without_autograd(mlp(), x, torch.full_like(y, -1)) is None
+    assert _without_autograd(frozen, x, y) is None and _without_autograd(hooked, x, y) is None
+    assert _without_autograd(mlp(), x[:0], y[:0]) is None  # no samples
+    assert _without_autograd(mlp(), x.double(), y) is None  # another dtype
+    assert _without_autograd(mlp(), x, y.int()) is None  # labels not int64
+    assert _without_autograd(mlp(), x[..., :4], y) is None  # another width
+    assert _without_autograd(mlp(), x, torch.full_like(y, 10)) is None  # not a class
+    assert _without_autograd(mlp(), x, torch.full_like(y, -1)) is None
 
 
 def test_labels_outside_the_classes_raise_torchs_error_as_before():
