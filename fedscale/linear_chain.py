@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from .models import MLP
 
-__all__ = ["Chain", "Op", "linear_chain", "train_chain", "trainable_chain"]
+__all__ = ["Chain", "Linear", "Op", "linear_chain", "train_chain", "trainable_chain"]
 
 # One op of a linear chain: ("flatten",), ("relu",) or ("linear", weight name, bias name or "").
 Op = tuple[str, ...]
@@ -70,23 +70,37 @@ def linear_chain(model: nn.Module) -> list[Op] | None:
 
 
 @dataclass(frozen=True)
+class Linear:
+    """One linear layer of a chain as :func:`train_chain` runs it."""
+
+    weight: torch.Tensor
+    """The layer's weight, detached (``out x in``)."""
+    bias: torch.Tensor | None
+    """Its bias, detached, if it has one."""
+    relu: bool
+    """Whether a relu follows (one or several: relu is idempotent)."""
+
+
+@dataclass(frozen=True)
 class Chain:
     """A chain's layers as :func:`train_chain` runs them."""
 
     flatten: bool
     """Whether the samples are flattened first."""
-    layers: tuple[tuple[torch.Tensor, ...], ...]
-    """Per layer: linear ``(weight,)`` or ``(weight, bias)``, detached; relu ``()``."""
+    relu_input: bool
+    """Whether a relu comes before the first linear layer (it only transforms the data)."""
+    linears: tuple[Linear, ...]
+    """The linear layers in order; a chain ends with one."""
 
     @property
     def in_features(self) -> int:
         """Features the first linear layer takes."""
-        return int(self.layers[0][0].shape[1])
+        return int(self.linears[0].weight.shape[1])
 
     @property
     def num_classes(self) -> int:
         """Logits the last linear layer gives."""
-        return int(self.layers[-1][0].shape[0])
+        return int(self.linears[-1].weight.shape[0])
 
 
 def trainable_chain(model: nn.Module, parameters: Sequence[nn.Parameter]) -> Chain | None:
@@ -107,20 +121,29 @@ def trainable_chain(model: nn.Module, parameters: Sequence[nn.Parameter]) -> Cha
         for m in modules
     ):
         return None
-    layers: list[tuple[torch.Tensor, ...]] = []
+    relu_input = False
+    linears: list[Linear] = []
     chained: list[torch.Tensor] = []
     for layer in seq:
         if type(layer) is nn.Linear:
-            own = [layer.weight] if layer.bias is None else [layer.weight, layer.bias]
-            chained += own
-            layers.append(tuple(p.detach() for p in own))
+            chained += [layer.weight] if layer.bias is None else [layer.weight, layer.bias]
+            bias = layer.bias.detach() if layer.bias is not None else None
+            linears.append(Linear(layer.weight.detach(), bias, relu=False))
         elif type(layer) is nn.ReLU:
-            layers.append(())
+            if linears:
+                linears[-1] = Linear(linears[-1].weight, linears[-1].bias, relu=True)
+            else:
+                relu_input = True
     if len(chained) != len(parameters) or any(
         p is not q or not p.requires_grad for p, q in zip(chained, parameters, strict=False)
     ):
         return None
-    return Chain(flatten=ops[0][0] == "flatten", layers=tuple(layers))
+    return Chain(flatten=ops[0][0] == "flatten", relu_input=relu_input, linears=tuple(linears))
+
+
+def _with_ones(x: torch.Tensor) -> torch.Tensor:
+    """Return ``x`` with a column of ones after its last: the input a bias multiplies."""
+    return torch.cat([x, x.new_ones(len(x), 1)], dim=1)
 
 
 @torch.no_grad()
@@ -149,16 +172,47 @@ def train_chain(
     at the weights before the step, to each parameter's gradient, as
     :func:`fedscale.training.train` adds it to autograd's; ``anchors`` are the
     global weights, one per parameter in the chain's order.
+
+    A layer with a bias is trained as one matrix ``[W | b]`` on its input with a
+    column of ones appended: the product then adds the bias, and the update's
+    ``grad^T @ [input | 1]`` holds the bias's gradient (the sum of ``grad``
+    over the batch) in its last column, two small operations a layer fewer a
+    step. Each layer's input lives in a buffer whose ones column is set once;
+    the layer below writes its output into the rest.
     """
-    pulls_toward: list[tuple[torch.Tensor, ...]] = []
-    if proximal_mu > 0 and anchors is not None:
-        rest = iter(anchors)
-        pulls_toward = [tuple(next(rest) for _ in layer) for layer in chain.layers]
     n = len(inputs)
     x_all = inputs.reshape(n, -1) if chain.flatten else inputs
+    if chain.relu_input:
+        x_all = torch.relu(x_all)
+    layers = chain.linears
+    mats = [
+        torch.cat([layer.weight, layer.bias[:, None]], dim=1)
+        if layer.bias is not None
+        else layer.weight.clone()
+        for layer in layers
+    ]
+    pulls_toward: list[torch.Tensor] = []
+    if proximal_mu > 0 and anchors is not None:
+        rest = iter(anchors)
+        pulls_toward = [
+            torch.cat([next(rest), next(rest)[:, None]], dim=1)
+            if layer.bias is not None
+            else next(rest)
+            for layer in layers
+        ]
+    if layers[0].bias is not None:
+        x_all = _with_ones(x_all)
+    # Input buffers of the layers after the first, each with its ones column set.
+    buffers = [
+        x_all.new_ones(batch_size, layer.weight.shape[1] + (layer.bias is not None))
+        for layer in layers[1:]
+    ]
+    # Each layer's weights without the bias column: what the gradient below goes through.
+    weights = [mat[:, : layer.weight.shape[1]] for mat, layer in zip(mats, layers, strict=True)]
+    transposed = [mat.t() for mat in mats]
     onehot_all = F.one_hot(targets, chain.num_classes).to(x_all.dtype)
     loss_sum = torch.zeros((), dtype=torch.float64, device=inputs.device)
-    layers = chain.layers
+    last = len(layers) - 1
     steps = 0
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator).to(inputs.device)
@@ -167,43 +221,39 @@ def train_chain(
         for start in range(0, n, batch_size):
             h = xs[start : start + batch_size]
             onehot = onehots[start : start + batch_size]
-            # Forward, keeping each linear layer's input and each relu's output.
-            saved: list[torch.Tensor] = []
-            for layer in layers:
-                if not layer:
-                    h = torch.relu(h)
-                    saved.append(h)
-                else:
-                    saved.append(h)
-                    h = (
-                        torch.addmm(layer[1], h, layer[0].t())
-                        if len(layer) > 1
-                        else h.mm(layer[0].t())
-                    )
-            log_p = torch.log_softmax(h, dim=1)
+            size = len(onehot)
+            # Forward: each layer's input (with its ones column) and output after its relu.
+            ins: list[torch.Tensor] = []
+            outs: list[torch.Tensor] = []
+            for k in range(last):
+                ins.append(h)
+                h = buffers[k][:size]
+                out = h[:, : layers[k].weight.shape[0]]
+                torch.mm(ins[k], transposed[k], out=out)
+                if layers[k].relu:
+                    out.relu_()
+                outs.append(out)
+            ins.append(h)
+            log_p = torch.log_softmax(h.mm(transposed[last]), dim=1)
             loss_sum.sub_(torch.dot(log_p.view(-1), onehot.reshape(-1)))
             # d(mean loss)/d(logits) = (softmax - onehot) / batch: the 1/batch goes
             # into each update's step size, so grad holds softmax - onehot.
             grad = log_p.exp_().sub_(onehot)
-            alpha = -lr / len(onehot)
-            for k in range(len(layers) - 1, -1, -1):
-                layer = layers[k]
-                if not layer:
-                    grad = grad.mul_(saved[k] > 0)
-                    continue
-                weight = layer[0]
-                below = grad.mm(weight) if k > 0 else grad
-                # mu * (W - anchor), at the weights before the step
-                pulls = (
-                    [torch.sub(p, a) for p, a in zip(layer, pulls_toward[k], strict=True)]
-                    if pulls_toward
-                    else ()
-                )
-                weight.addmm_(grad.t(), saved[k], alpha=alpha)
-                if len(layer) > 1:
-                    layer[1].add_(grad.sum(dim=0), alpha=alpha)
-                for p, pull in zip(layer, pulls, strict=False):
-                    p.add_(pull, alpha=-lr * proximal_mu)
+            alpha = -lr / size
+            for k in range(last, -1, -1):
+                below = grad.mm(weights[k]) if k > 0 else grad
+                if k > 0 and layers[k - 1].relu:
+                    below.mul_(outs[k - 1] > 0)
+                if pulls_toward:  # mu * (W - anchor), at the weights before the step
+                    pull = torch.sub(mats[k], pulls_toward[k])
+                mats[k].addmm_(grad.t(), ins[k], alpha=alpha)
+                if pulls_toward:
+                    mats[k].add_(pull, alpha=-lr * proximal_mu)
                 grad = below
             steps += 1
+    for layer, mat in zip(layers, mats, strict=True):
+        width = layer.weight.shape[1]
+        layer.weight.copy_(mat[:, :width])
+        if layer.bias is not None:
+            layer.bias.copy_(mat[:, width])
     return float(loss_sum), steps

@@ -218,7 +218,7 @@ def _chain_without_autograd(
         features = inputs.shape[1]
     else:
         return None
-    if features != chain.in_features or inputs.dtype != chain.layers[0][0].dtype:
+    if features != chain.in_features or inputs.dtype != chain.linears[0].weight.dtype:
         return None
     if targets.shape != (len(inputs),):
         return None

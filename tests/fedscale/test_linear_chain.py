@@ -16,9 +16,21 @@ CPU = torch.device("cpu")
 
 
 def _autograd_reference(
-    model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch: int, lr: float, seed: int
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    mu: float = 0.0,
 ) -> float:
-    """torch.optim.SGD on autograd with train()'s batches; return the last epoch's mean loss."""
+    """torch.optim.SGD on autograd with train()'s batches; return the last epoch's mean loss.
+
+    With ``mu``, each batch's loss has FedProx's ``mu/2 ||w - w_start||^2`` added.
+    """
+    anchor = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     inputs, targets = torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
@@ -29,10 +41,27 @@ def _autograd_reference(
             idx = order[start : start + batch]
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(inputs[idx]), targets[idx])
-            loss.backward()
+            pull = sum(
+                ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
+            )
+            (loss + mu / 2 * pull).backward()
             optimizer.step()
             total += float(loss.detach()) * len(idx)
     return total / len(inputs)
+
+
+def _odd_chain(features: int, classes: int) -> nn.Sequential:
+    # A relu on the input, two linear layers in a row, two relus in a row.
+    torch.manual_seed(12)
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.ReLU(),
+        nn.Linear(features, 24),
+        nn.Linear(24, 20, bias=False),
+        nn.ReLU(),
+        nn.ReLU(),
+        nn.Linear(20, classes),
+    )
 
 
 def _deep_chain(features: int, classes: int) -> nn.Sequential:
@@ -48,7 +77,9 @@ def _deep_chain(features: int, classes: int) -> nn.Sequential:
     )
 
 
-@pytest.mark.parametrize("model_name", ["mlp-digits", "mlp-synthetic", "sequential"])
+@pytest.mark.parametrize(
+    "model_name", ["mlp-digits", "mlp-synthetic", "sequential", "odd-sequential"]
+)
 def test_train_on_a_chain_matches_torch_sgd_on_autograd(model_name):
     if model_name == "mlp-synthetic":
         data = Synthetic(1.0, 1.0, seed=2).client_data(7)
@@ -62,6 +93,8 @@ def test_train_on_a_chain_matches_torch_sgd_on_autograd(model_name):
     def fresh() -> nn.Module:
         if model_name == "sequential":
             return _deep_chain(int(np.prod(shape)), classes)
+        if model_name == "odd-sequential":
+            return _odd_chain(int(np.prod(shape)), classes)
         return build_model("mlp", shape, classes, seed=3)
 
     ours, reference = fresh(), fresh()
@@ -79,11 +112,28 @@ def test_train_on_a_chain_matches_torch_sgd_on_autograd(model_name):
         ours.state_dict().items(), reference.state_dict().values(), strict=True
     ):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=name)
-    # Training moved the weights: the comparison is not of two untouched models.
-    assert not torch.equal(
-        ours.state_dict()["net.1.weight" if "mlp" in model_name else "1.weight"],
-        fresh().state_dict()["net.1.weight" if "mlp" in model_name else "1.weight"],
-    )
+    # Training moved every parameter: the comparison is not of untouched models.
+    start = fresh().state_dict()
+    assert all(not torch.equal(v, start[k]) for k, v in ours.state_dict().items())
+
+
+def test_the_proximal_term_on_a_chain_with_and_without_biases_matches_autograd():
+    ds = load_dataset("digits", seed=0, test_fraction=0.2)
+    x, y = ds.x_train[:150], ds.y_train[:150]
+    ours, reference = _odd_chain(64, 10), _odd_chain(64, 10)
+    result = train(ours, x, y, epochs=2, batch_size=16, lr=0.1, device=CPU, seed=6, proximal_mu=0.5)
+    expected = _autograd_reference(reference, x, y, epochs=2, batch=16, lr=0.1, seed=6, mu=0.5)
+    assert result.loss == pytest.approx(expected, rel=1e-5)  # the loss is the cross-entropy alone
+    plain = _odd_chain(64, 10)
+    train(plain, x, y, epochs=2, batch_size=16, lr=0.1, device=CPU, seed=6)
+    for (name, got), want, free in zip(
+        ours.state_dict().items(),
+        reference.state_dict().values(),
+        plain.state_dict().values(),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+        assert not torch.allclose(got, free, atol=1e-4), name  # the term changed training
 
 
 def test_only_chains_autograd_would_train_alike_take_the_hand_written_pass():
