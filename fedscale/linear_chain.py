@@ -213,37 +213,43 @@ def train_chain(
     onehot_all = F.one_hot(targets, chain.num_classes).to(x_all.dtype)
     loss_sum = torch.zeros((), dtype=torch.float64, device=inputs.device)
     last = len(layers) - 1
+    relu_after = [layer.relu for layer in layers]
+    # Per batch size (the full one and a last partial one): each hidden layer's
+    # output view and the next layer's input, views of the buffers made once.
+    views: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     steps = 0
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator).to(inputs.device)
         xs, onehots = x_all[order], onehot_all[order]
         loss_sum.zero_()
         for start in range(0, n, batch_size):
-            h = xs[start : start + batch_size]
-            onehot = onehots[start : start + batch_size]
-            size = len(onehot)
+            size = min(batch_size, n - start)
+            h = xs[start : start + size]
+            onehot = onehots[start : start + size]
+            hidden = views.get(size)
+            if hidden is None:
+                hidden = views[size] = [
+                    (buffer[:size, : layer.weight.shape[0]], buffer[:size])
+                    for buffer, layer in zip(buffers, layers, strict=False)
+                ]
             # Forward: each layer's input (with its ones column) and output after its relu.
-            ins: list[torch.Tensor] = []
-            outs: list[torch.Tensor] = []
+            ins = [h]
             for k in range(last):
-                ins.append(h)
-                h = buffers[k][:size]
-                out = h[:, : layers[k].weight.shape[0]]
+                out, h = hidden[k]
                 torch.mm(ins[k], transposed[k], out=out)
-                if layers[k].relu:
+                if relu_after[k]:
                     out.relu_()
-                outs.append(out)
-            ins.append(h)
+                ins.append(h)
             log_p = torch.log_softmax(h.mm(transposed[last]), dim=1)
-            loss_sum.sub_(torch.dot(log_p.view(-1), onehot.reshape(-1)))
+            loss_sum.sub_(torch.dot(log_p.view(-1), onehot.view(-1)))
             # d(mean loss)/d(logits) = (softmax - onehot) / batch: the 1/batch goes
             # into each update's step size, so grad holds softmax - onehot.
             grad = log_p.exp_().sub_(onehot)
             alpha = -lr / size
             for k in range(last, -1, -1):
                 below = grad.mm(weights[k]) if k > 0 else grad
-                if k > 0 and layers[k - 1].relu:
-                    below.mul_(outs[k - 1] > 0)
+                if k > 0 and relu_after[k - 1]:
+                    below.mul_(hidden[k - 1][0] > 0)
                 if pulls_toward:  # mu * (W - anchor), at the weights before the step
                     pull = torch.sub(mats[k], pulls_toward[k])
                 mats[k].addmm_(grad.t(), ins[k], alpha=alpha)
