@@ -102,42 +102,55 @@ class Chain:
         """Logits the last linear layer gives."""
         return int(self.linears[-1].weight.shape[0])
 
+    @property
+    def parameters(self) -> list[torch.Tensor]:
+        """The weights and biases in order, as ``model.parameters()`` lists them."""
+        return [p for layer in self.linears for p in (layer.weight, layer.bias) if p is not None]
 
-def trainable_chain(model: nn.Module, parameters: Sequence[nn.Parameter]) -> Chain | None:
+
+def trainable_chain(model: nn.Module) -> Chain | None:
     """Return ``model``'s chain if :func:`train_chain` trains it as autograd would, else None.
 
-    ``parameters`` is ``list(model.parameters())``. Beyond being a chain: these
-    are exactly the chain's weights and biases, in order, all trainable
-    (autograd leaves frozen ones alone), and no module of the chain carries
-    hooks, which would see forward and backward calls this pass does not make.
+    Beyond being a chain: its parameters are exactly the linear layers' weights
+    and biases, all trainable (autograd leaves frozen ones alone), and no module
+    carries hooks, which would see forward and backward calls this pass does
+    not make. Read from the modules' own tables, not by walking ``parameters()``
+    and ``modules()``, which cost more than a one-sample client's step.
     """
     ops = linear_chain(model)
     if ops is None:
         return None
     seq = cast(nn.Sequential, model.net if type(model) is MLP else model)
-    modules = [model, seq, *seq] if seq is not model else [model, *seq]
-    if any(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-        for m in modules
-    ):
+    if seq is not model and (model._parameters or list(model._modules) != ["net"]):
+        return None
+    if seq._parameters:
         return None
     relu_input = False
     linears: list[Linear] = []
-    chained: list[torch.Tensor] = []
+    for module in (model, seq, *seq) if seq is not model else (model, *seq):
+        if module._forward_hooks or module._forward_pre_hooks:
+            return None
+        if module._backward_hooks or module._backward_pre_hooks:
+            return None
     for layer in seq:
+        if layer._modules:
+            return None
         if type(layer) is nn.Linear:
-            chained += [layer.weight] if layer.bias is None else [layer.weight, layer.bias]
-            bias = layer.bias.detach() if layer.bias is not None else None
-            linears.append(Linear(layer.weight.detach(), bias, relu=False))
+            weight, bias = layer.weight, layer.bias
+            if set(layer._parameters) != {"weight", "bias"} or not weight.requires_grad:
+                return None
+            if bias is not None and not bias.requires_grad:
+                return None
+            linears.append(
+                Linear(weight.detach(), bias.detach() if bias is not None else None, relu=False)
+            )
+        elif layer._parameters:
+            return None
         elif type(layer) is nn.ReLU:
             if linears:
                 linears[-1] = Linear(linears[-1].weight, linears[-1].bias, relu=True)
             else:
                 relu_input = True
-    if len(chained) != len(parameters) or any(
-        p is not q or not p.requires_grad for p, q in zip(chained, parameters, strict=False)
-    ):
-        return None
     return Chain(flatten=ops[0][0] == "flatten", relu_input=relu_input, linears=tuple(linears))
 
 

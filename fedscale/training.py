@@ -149,17 +149,15 @@ def train(
     if not (math.isfinite(proximal_mu) and proximal_mu >= 0):
         raise ConfigError(f"proximal-mu: expected a finite number >= 0, got {proximal_mu!r}")
     _move(model, device)
-    model.train()
     inputs = _as_tensor(x, device)
     targets = _as_tensor(y, device)
-    parameters = list(model.parameters())
-    params = [p for p in parameters if p.requires_grad]
-    anchors = _anchors(params, global_params) if proximal_mu > 0 else None
     generator = torch.Generator().manual_seed(seed)
     n = len(inputs)
-    chain = _chain_without_autograd(model, parameters, inputs, targets)
+    chain = _chain_without_autograd(model, inputs, targets)
     if chain is not None:
-        # A chain's parameters are all trainable: `anchors` follow them in order.
+        # No model.train(): a chain has no mode-dependent layer, and the walk costs
+        # more than a one-sample client's step.
+        anchors = _anchors(chain.parameters, global_params) if proximal_mu > 0 else None
         loss_sum, steps = train_chain(
             chain,
             inputs,
@@ -172,6 +170,9 @@ def train(
             anchors=anchors,
         )
         return TrainResult(loss=loss_sum / n, num_examples=n, steps=steps)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchors = _anchors(params, global_params) if proximal_mu > 0 else None
     steps = 0
     epoch_loss = 0.0
     for _ in range(epochs):
@@ -197,10 +198,7 @@ def train(
 
 
 def _chain_without_autograd(
-    model: nn.Module,
-    parameters: list[nn.Parameter],
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
 ) -> Chain | None:
     """Return ``model``'s linear chain if :func:`train_chain` can train it on this data.
 
@@ -209,7 +207,7 @@ def _chain_without_autograd(
     labels outside the classes) takes the autograd loop, which also raises
     its usual errors on bad data.
     """
-    chain = trainable_chain(model, parameters)
+    chain = trainable_chain(model)
     if chain is None or len(inputs) == 0 or targets.dtype != torch.int64:
         return None
     if chain.flatten:
@@ -227,7 +225,7 @@ def _chain_without_autograd(
 
 
 def _anchors(
-    params: list[nn.Parameter], global_params: Sequence[torch.Tensor] | None
+    params: Sequence[torch.Tensor], global_params: Sequence[torch.Tensor] | None
 ) -> list[torch.Tensor]:
     """Return detached copies of the proximal term's global weights, checked against ``params``."""
     if global_params is None:

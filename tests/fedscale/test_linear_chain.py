@@ -99,7 +99,7 @@ def test_train_on_a_chain_matches_torch_sgd_on_autograd(model_name):
 
     ours, reference = fresh(), fresh()
     inputs, targets = torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
-    assert _chain_without_autograd(ours, list(ours.parameters()), inputs, targets), (
+    assert _chain_without_autograd(ours, inputs, targets), (
         "train() must take the hand-written pass here, or this test compares autograd to itself"
     )
     result = train(ours, x, y, epochs=3, batch_size=batch, lr=0.05, device=CPU, seed=4)
@@ -145,16 +145,21 @@ def test_only_chains_autograd_would_train_alike_take_the_hand_written_pass():
         return build_model("mlp", ds.sample_shape, ds.num_classes, seed=0)
 
     def _without_autograd(model, x, y):
-        return _chain_without_autograd(model, list(model.parameters()), x, y)
+        return _chain_without_autograd(model, x, y)
 
     assert _without_autograd(mlp(), x, y) is not None
     frozen = mlp()
     next(frozen.parameters()).requires_grad_(False)
     hooked = mlp()
     hooked.net[2].register_forward_hook(lambda module, args, out: None)
+    extra = mlp()
+    extra.register_parameter("scale", nn.Parameter(torch.ones(1)))  # trained by autograd only
+    on_relu = mlp()
+    on_relu.net[2].register_parameter("slope", nn.Parameter(torch.ones(1)))
     conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 10))
     assert linear_chain(conv) is None
     assert _without_autograd(frozen, x, y) is None and _without_autograd(hooked, x, y) is None
+    assert _without_autograd(extra, x, y) is None and _without_autograd(on_relu, x, y) is None
     assert _without_autograd(mlp(), x[:0], y[:0]) is None  # no samples
     assert _without_autograd(mlp(), x.double(), y) is None  # another dtype
     assert _without_autograd(mlp(), x, y.int()) is None  # labels not int64
