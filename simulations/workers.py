@@ -203,20 +203,24 @@ class AutoWorkers:
     message) while the workers call the ClientApp (C a message) and do their own
     half of the wire form: about C + 2W of CPU a message instead of C. On two
     cores that pays at best 2C / (C + 2W), less the pipes' latency: measured,
-    1.7x for synthetic clients (C/W 10-15) and 0.9x for digits clients (C/W
-    2.5-3, where that bound says 1.15x). So each batch's first :data:`PROBE`
-    messages are delivered here, each call timed, and W is timed on the last of
-    them (:func:`_wire_seconds`); once the median call is at least
-    :data:`MIN_CALL_TO_WIRE` times W (between the two, with room for timing
-    noise; both scale with the machine's speed and load, so a slow machine does
-    not tip tiny clients over) and the rest of the batch is large enough to share
+    1.5x for synthetic clients (C/W about 7; 1.7x at 10-15, before training got
+    cheaper) and 0.9x for digits clients (C/W 2.5-4, where that bound says
+    1.15-1.33x). So each batch's first :data:`PROBE` messages are delivered here,
+    each call timed, and W is timed on the last of them (:func:`_wire_seconds`);
+    once the mean call, less the slowest (a run's first call also builds the
+    model and loads the data), is at least :data:`MIN_CALL_TO_WIRE` times W
+    (between the two kinds of client, with room for timing noise; both scale
+    with the machine's speed and load, so a slow machine does not tip tiny
+    clients over) and the rest of the batch is large enough to share
     (:data:`MIN_SHARE` messages per worker), ``count`` workers are forked and
-    deliver that rest and every later batch. The results are the same either way
-    (see :class:`WorkerPool`), as is the order replies are aggregated in.
+    deliver that rest and every later batch. The results are the same either
+    way (see :class:`WorkerPool`), as is the order replies are aggregated in.
+    A mean, not a median: heavy-tailed client sizes (synthetic's) are work the
+    workers share, which a median leaves out.
     """
 
     PROBE = 8
-    MIN_CALL_TO_WIRE = 6.0
+    MIN_CALL_TO_WIRE = 5.0
     MIN_SHARE = 4
 
     def __init__(self, client_app: ClientApp, count: int) -> None:
@@ -237,11 +241,16 @@ class AutoWorkers:
             started = time.perf_counter()
             replies[message.metadata.message_id] = grid.deliver_here(message)
             seconds.append(time.perf_counter() - started)
-        # The median: a run's first call also builds the model and loads the data.
-        typical = statistics.median(seconds)
+        # The mean call, less the slowest (see the class docstring).
+        typical = statistics.fmean(sorted(seconds)[:-1])
         last = messages[self.PROBE - 1]
         wire = _wire_seconds(grid, last, replies[last.metadata.message_id])
         if typical < self.MIN_CALL_TO_WIRE * wire:
+            log.debug(
+                "ClientApp calls take %.2f ms each, %.1fx their wire form: no workers yet",
+                typical * 1e3,
+                typical / wire,
+            )
             return replies  # the grid delivers the rest here too
         log.info(
             "ClientApp calls take %.2f ms each, %.0fx their wire form: starting %d worker "

@@ -288,7 +288,7 @@ def test_auto_starts_workers_once_client_calls_take_a_millisecond():
 )
 def test_auto_keeps_quick_clients_in_this_process(run_config):
     # One slow call among the probed (a first call that builds the model and loads
-    # the data, say) does not start workers: the probe goes by the median call.
+    # the data, say) does not start workers: the probe leaves out the slowest call.
     run_in_process(pid_server, pid_app, num_nodes=AUTO_NODES, run_config=run_config, workers="auto")
     assert _serving_pids() == {os.getpid()}
     assert all(len(served) == AUTO_NODES for served, _ in OBSERVED)
