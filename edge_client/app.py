@@ -48,7 +48,12 @@ from fedscale.exceptions import ConfigError, DataError, FedscaleError, RecordErr
 from fedscale.models import build_model
 from fedscale.node_data import NodeData, node_data, node_device_name
 from fedscale.privacy import privacy_mod
-from fedscale.records import arrays_to_state_dict, load_arrays_into, state_dict_to_arrays
+from fedscale.records import (
+    arrays_to_state_dict,
+    load_arrays_into,
+    state_dict_to_arrays,
+    train_reply_content,
+)
 from fedscale.settings import RunSettings
 from fedscale.training import evaluate, resolve_device, shuffle_seed, train
 
@@ -96,15 +101,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     trained = state_dict_to_arrays(model.state_dict())
     if settings.attack:
         trained = _maybe_attack(trained, msg, settings, config, context)
-    reply = RecordDict(
-        {
-            "arrays": trained,
-            "metrics": MetricRecord(
-                {"num-examples": result.num_examples, "train-loss": result.loss}
-            ),
-        }
-    )
-    return Message(reply, reply_to=msg)
+    return Message(train_reply_content(trained, result.num_examples, result.loss), reply_to=msg)
 
 
 @app.evaluate()

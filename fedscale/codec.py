@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["decode", "dtype_name", "encode", "view"]
+__all__ = ["decode", "dtype_name", "encode", "npy_header", "view"]
 
 _MAGIC = b"\x93NUMPY"
 _HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
@@ -45,14 +45,25 @@ def encode(array: npt.NDArray[Any]) -> bytes:
     """Return ``np.save(array)``'s bytes (no pickling)."""
     if not array.flags.c_contiguous or array.dtype.hasobject or array.dtype.names:
         return _np_save(array)
-    key = (array.dtype.str, array.shape)
+    return npy_header(array.dtype, array.shape) + array.tobytes()
+
+
+def npy_header(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes:
+    """Return the ``.npy`` header ``np.save`` writes for a C-ordered ``dtype`` array of ``shape``.
+
+    Followed by the array's raw bytes, it makes the same bytes as :func:`encode`;
+    made once per (dtype, shape) by ``np.save`` itself. Not for object or
+    structured dtypes (:func:`encode` sends those to numpy).
+    """
+    key = (dtype.str, shape)
     header = _HEADERS.get(key)
     if header is None:
-        full = _np_save(np.zeros(array.shape, dtype=array.dtype))
-        header = full[: len(full) - array.nbytes]
+        empty = np.zeros(shape, dtype=dtype)
+        full = _np_save(empty)
+        header = full[: len(full) - empty.nbytes]
         if len(_HEADERS) < _CACHE_LIMIT:
             _HEADERS[key] = header
-    return header + array.tobytes()
+    return header
 
 
 def decode(data: bytes) -> npt.NDArray[Any]:

@@ -477,13 +477,19 @@ def _plan(
     starts = np.zeros(len(sizes), dtype=np.int64)
     np.cumsum(sizes[:-1], out=starts[1:])
 
-    # The shuffles, drawn exactly as train() draws them: one generator per client,
-    # one randperm per epoch.
+    # The shuffles, drawn exactly as train() draws them: a generator seeded with the
+    # client's seed (one object, reseeded per client), one randperm per epoch. A
+    # one-sample client's every shuffle is [0] whatever the seed: no draw needed.
     perms = []
-    for n, seed in zip(sizes, seeds, strict=True):
-        generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator()
+    one = np.zeros(epochs, dtype=np.int64)
+    for n, seed in zip(sizes.tolist(), seeds, strict=True):
+        if n == 1:
+            perms.append(one)
+            continue
+        generator.manual_seed(seed)
         for _ in range(epochs):
-            perms.append(torch.randperm(int(n), generator=generator).numpy())
+            perms.append(torch.randperm(n, generator=generator).numpy())
     sample = np.concatenate(perms)
     # For every drawn sample: its client, epoch and position in that epoch's order.
     drawn = sizes * epochs

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from flwr.app import Array, ArrayRecord, Message, Metadata, RecordDict
+from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.common.constant import SType
 from torch import nn
 
-from .codec import decode, dtype_name, encode
+from .codec import decode, dtype_name, encode, npy_header
 from .exceptions import RecordError
 
 __all__ = [
@@ -29,7 +29,9 @@ __all__ = [
     "load_arrays_into",
     "serialized_bytes",
     "serialized_size",
+    "stacked_to_arrays",
     "state_dict_to_arrays",
+    "train_reply_content",
 ]
 
 _NUMPY_LESS_DTYPES = {
@@ -40,7 +42,66 @@ _NUMPY_LESS_DTYPES = {
 
 def state_dict_to_arrays(state_dict: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """Turn a state dict into an ``ArrayRecord`` with the same keys, in order."""
+    _check_tensors(state_dict)
+    record = ArrayRecord()
+    items = record.__dict__["_data"]
     for key, tensor in state_dict.items():
+        items[key] = _array(tensor.detach().cpu().numpy())
+    return record
+
+
+def stacked_to_arrays(stacked: Mapping[str, torch.Tensor]) -> list[ArrayRecord]:
+    """Return one ``ArrayRecord`` per row of tensors stacked along their first dimension.
+
+    Record ``i`` equals ``state_dict_to_arrays({k: t[i] for k, t in stacked.items()})``
+    (tests/fedscale/test_records.py checks it), built from one host copy of each
+    stack: a cohort's replies, without a per-client pass through numpy.
+    """
+    _check_tensors(stacked)
+    rows: int | None = None
+    arrays: list[npt.NDArray[Any]] = []
+    for key, tensor in stacked.items():
+        if tensor.dim() < 1 or (rows is not None and tensor.shape[0] != rows):
+            raise RecordError(
+                f"stacked entry {key!r}: expected a tensor of {rows if rows is not None else 'n'} "
+                f"rows, got shape {tuple(tensor.shape)}"
+            )
+        rows = tensor.shape[0]
+        arrays.append(tensor.detach().cpu().numpy())
+    # A C-contiguous stack's rows are consecutive slices of its bytes, each behind
+    # the header np.save writes for a row; other stacks encode row by row (a row
+    # that is not C-ordered may be saved in Fortran order, as state_dict_to_arrays
+    # would save it).
+    columns: list[tuple[str, npt.NDArray[Any], bytes, memoryview | None, int]] = []
+    for key, array in zip(stacked, arrays, strict=True):
+        shape = tuple(array.shape[1:])
+        if array.flags.c_contiguous and not array.dtype.hasobject:
+            flat = memoryview(array.reshape(-1)).cast("B")  # type: ignore[arg-type]
+            columns.append((key, array, npy_header(array.dtype, shape), flat, array[:1].nbytes))
+        else:
+            columns.append((key, array, b"", None, 0))
+    records = []
+    for i in range(rows or 0):
+        record = ArrayRecord()
+        items = record.__dict__["_data"]
+        for key, array, header, row_bytes, size in columns:
+            if row_bytes is None:
+                items[key] = _array(array[i])
+                continue
+            out: Array = object.__new__(Array)
+            out.__dict__.update(
+                dtype=dtype_name(array.dtype),
+                shape=array.shape[1:],
+                stype=SType.NUMPY,
+                data=header + row_bytes[i * size : (i + 1) * size],
+            )
+            items[key] = out
+        records.append(record)
+    return records
+
+
+def _check_tensors(tensors: Mapping[str, torch.Tensor]) -> None:
+    for key, tensor in tensors.items():
         if not isinstance(tensor, torch.Tensor):
             raise RecordError(
                 f"state dict entry {key!r}: expected a torch.Tensor, got {type(tensor).__name__}"
@@ -50,11 +111,29 @@ def state_dict_to_arrays(state_dict: Mapping[str, torch.Tensor]) -> ArrayRecord:
                 f"state dict entry {key!r}: expected a dtype numpy can hold, got "
                 f"{tensor.dtype}; cast the model (e.g. model.float()) before sending"
             )
-    record = ArrayRecord()
-    items = record.__dict__["_data"]
-    for key, tensor in state_dict.items():
-        items[key] = _array(tensor.detach().cpu().numpy())
-    return record
+
+
+def train_reply_content(arrays: ArrayRecord, num_examples: int, loss: float) -> RecordDict:
+    """Return a training reply's content: the trained ``arrays`` and their metrics.
+
+    The same object as ``RecordDict({"arrays": arrays, "metrics":
+    MetricRecord({"num-examples": num_examples, "train-loss": loss})})``, built
+    without the per-item checks (an ``ArrayRecord``, an ``int`` and a ``float``
+    pass them by their types): a cohort's hundred replies a round are built here.
+    Other values go through the checked constructors and their errors.
+    """
+    if type(num_examples) is not int or type(loss) is not float or type(arrays) is not ArrayRecord:
+        return RecordDict(
+            {
+                "arrays": arrays,
+                "metrics": MetricRecord({"num-examples": num_examples, "train-loss": loss}),
+            }
+        )
+    metrics = MetricRecord()
+    metrics.__dict__["_data"] = {"num-examples": num_examples, "train-loss": loss}
+    content = RecordDict()
+    content.__dict__["_data"] = {"arrays": arrays, "metrics": metrics}
+    return content
 
 
 def _array(array: npt.NDArray[Any]) -> Array:

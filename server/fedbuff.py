@@ -916,8 +916,8 @@ class _FedBuff:
         }
 
     def _commit(self, record: RoundRecord) -> None:
-        # The flush's commit point, written in the background (BackgroundCommits):
-        # once it lands, a crash loses only jobs in flight.
+        # The flush's commit point (written now, or in the background on a slow disk:
+        # BackgroundCommits); once it lands, a crash loses only jobs in flight.
         rng_meta, rng_arrays = rng_state()
         self.checkpoints.commit(
             Checkpoint(

@@ -333,8 +333,8 @@ def _run_federation(
     )
 
     def commit(server_round: int, record: RoundRecord) -> None:
-        # The round's commit point, written in the background (BackgroundCommits):
-        # once it lands, a crash loses nothing of this round.
+        # The round's commit point (written now, or in the background on a slow disk:
+        # BackgroundCommits); once it lands, a crash loses nothing of this round.
         strategy_meta, strategy_arrays = strategy_state(strategy)
         rng_meta, rng_arrays = rng_state()
         checkpoints.commit(

@@ -247,7 +247,12 @@ def fast_record_views() -> Iterator[None]:
             state = synced.__dict__
             state["_check_key_fn"] = _check_key
             state["_check_value_fn"] = synced.check_value
-            state["_data"] = {k: r for k, r in self.items() if isinstance(r, kind)}
+            # Exact types first: isinstance on Flower's records goes through ABCMeta.
+            state["_data"] = {
+                k: r
+                for k, r in self.__dict__["_data"].items()
+                if type(r) is kind or (type(r) not in _RECORD_TYPES and isinstance(r, kind))
+            }
             state["recorddict"] = self
             state["allowed_type"] = kind
             return synced
@@ -268,6 +273,7 @@ _RECORD_VIEWS: dict[str, type[Any]] = {
     "metric_records": MetricRecord,
     "config_records": ConfigRecord,
 }
+_RECORD_TYPES = frozenset(_RECORD_VIEWS.values())
 
 
 def error_reply(message: Message, code: int, reason: str) -> Message:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from torch import nn
 
 from fedscale.cohort import cohort_support, train_cohort
@@ -42,7 +42,7 @@ from fedscale.compression import Compression, base_round_of, compress_reply
 from fedscale.exceptions import DataError, FedscaleError, RecordError
 from fedscale.node_data import node_data, node_device_name
 from fedscale.privacy import CLIENT_SIDE_MODES
-from fedscale.records import load_arrays_into, state_dict_to_arrays
+from fedscale.records import load_arrays_into, stacked_to_arrays, train_reply_content
 from fedscale.settings import RunSettings
 from fedscale.training import resolve_device, shuffle_seed
 
@@ -198,6 +198,10 @@ def _train_group(
     model: nn.Module = _cached_model(settings.model, input_shape, num_classes)
     if len(clients) < 2 or not cohort_support(model):
         return {}
+    # Most steps first, then most samples (stable): train_cohort's own order, so it
+    # trains in its output without copying the cohort's parameters back into place.
+    # Replies are keyed by message, so the order of training is free.
+    clients = sorted(clients, key=lambda c: ((-len(c.y)) // batch_size, -len(c.y)))
     try:
         load_arrays_into(model, record)
         trained = train_cohort(
@@ -213,16 +217,9 @@ def _train_group(
         log.debug("fast path declined a cohort of %d: %s", len(clients), err)
         return {}
     replies: dict[str, Message] = {}
-    for i, client in enumerate(clients):
-        state, result = trained[i]
-        content = RecordDict(
-            {
-                "arrays": state_dict_to_arrays(state),
-                "metrics": MetricRecord(
-                    {"num-examples": result.num_examples, "train-loss": result.loss}
-                ),
-            }
-        )
+    arrays = stacked_to_arrays(trained.parameters)
+    for client, trained_arrays, result in zip(clients, arrays, trained.results, strict=True):
+        content = train_reply_content(trained_arrays, result.num_examples, result.loss)
         if compression is not None:
             encoded = _compress(grid, client.message, content, record, compression)
             if encoded is None:

@@ -10,7 +10,9 @@ from fedscale.models import build_model
 from fedscale.records import (
     arrays_to_state_dict,
     load_arrays_into,
+    stacked_to_arrays,
     state_dict_to_arrays,
+    train_reply_content,
 )
 
 
@@ -106,6 +108,60 @@ def test_fast_record_building_equals_flowers_public_constructors():
         )
     fast["extra"] = public[next(iter(public))]  # a fast-built record stays a normal one
     assert len(fast) == len(public) + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int64, torch.bool])
+def test_stacked_records_equal_each_rows_state_dict_record(dtype):
+    g = torch.Generator().manual_seed(1)
+    stacked = {
+        "w": (torch.randn(5, 3, 4, generator=g) * 10).to(dtype),
+        "b": (torch.randn(5, 3, generator=g) * 10).to(dtype),
+        "scalar": torch.arange(5).to(dtype),  # a 0-d tensor per row
+        "w.t": (torch.randn(5, 4, 3, generator=g) * 10).to(dtype).transpose(1, 2),  # not contiguous
+    }
+    records = stacked_to_arrays(stacked)
+    assert len(records) == 5
+    for i, record in enumerate(records):
+        want = state_dict_to_arrays({k: t[i] for k, t in stacked.items()})
+        assert list(record) == list(want)
+        assert record.object_id == want.object_id
+        for key in want:
+            assert record[key].__dict__ == want[key].__dict__
+        got = arrays_to_state_dict(record)
+        assert all(torch.equal(got[k], stacked[k][i]) for k in stacked)
+
+
+def test_stacked_records_refuse_what_a_state_dict_record_refuses():
+    with pytest.raises(RecordError, match="expected a dtype numpy can hold"):
+        stacked_to_arrays({"w": torch.zeros(2, 3, dtype=torch.bfloat16)})
+    with pytest.raises(RecordError, match=r"expected a tensor of 2 rows, got shape \(3,\)"):
+        stacked_to_arrays({"a": torch.zeros(2, 4), "b": torch.zeros(3)})
+    with pytest.raises(RecordError, match="expected a torch.Tensor, got list"):
+        stacked_to_arrays({"a": [1, 2]})  # type: ignore[dict-item]
+    assert stacked_to_arrays({"a": torch.zeros(0, 4)}) == []
+
+
+def test_train_reply_content_equals_flowers_public_constructors():
+    from flwr.app import MetricRecord, RecordDict
+
+    arrays = state_dict_to_arrays(build_model("mlp", (64,), 10, seed=2).state_dict())
+    for examples, loss in [(3, 0.25), (2**40, float("nan")), (1, -0.0)]:
+        fast = train_reply_content(arrays, examples, loss)
+        public = RecordDict(
+            {
+                "arrays": arrays,
+                "metrics": MetricRecord({"num-examples": examples, "train-loss": loss}),
+            }
+        )
+        assert list(fast) == list(public) == ["arrays", "metrics"]
+        assert fast.object_id == public.object_id
+        assert fast["metrics"].deflate() == public["metrics"].deflate()
+        fast["more"] = MetricRecord({"x": 1})  # a fast-built record stays a normal one
+        assert "more" in fast.metric_records
+    # Values the checked constructors refuse still reach them, and their errors.
+    with pytest.raises(TypeError):
+        train_reply_content(arrays, 3, "0.25")  # type: ignore[arg-type]
+    assert train_reply_content(arrays, 3, 1)["metrics"]["train-loss"] == 1  # an int loss
 
 
 def _flower_bytes(message) -> int:

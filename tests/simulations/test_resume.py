@@ -7,13 +7,21 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fedscale.checkpoint import BackgroundCommits, Checkpoint, CheckpointStore
+from fedscale.checkpoint import (
+    INLINE_WRITE_SECONDS,
+    PROBE_EVERY,
+    BackgroundCommits,
+    Checkpoint,
+    CheckpointStore,
+    EncodedCheckpoint,
+)
 from fedscale.exceptions import ConfigError, DataError
 from fedscale.runs import RunDirectory
 from fedscale.settings import RunSettings
@@ -237,9 +245,11 @@ def _checkpoint(server_round: int, value: float) -> Checkpoint:
     )
 
 
-def test_background_commits_land_in_order_and_equal_synchronous_ones(tmp_path):
+# inline_below 0: every write goes to the writer thread; 60 s: every write is inline.
+@pytest.mark.parametrize("inline_below", [0.0, 60.0])
+def test_background_commits_land_in_order_and_equal_synchronous_ones(tmp_path, inline_below):
     background, direct = CheckpointStore(tmp_path / "bg"), CheckpointStore(tmp_path / "sync")
-    with BackgroundCommits(background) as commits:
+    with BackgroundCommits(background, inline_below=inline_below) as commits:
         for server_round in range(4):
             commits.commit(_checkpoint(server_round, server_round))
             direct.commit(_checkpoint(server_round, server_round))
@@ -263,7 +273,7 @@ def test_background_commits_land_in_order_and_equal_synchronous_ones(tmp_path):
 def test_a_background_commit_copies_the_state_when_it_is_called(tmp_path):
     store = CheckpointStore(tmp_path / "ckpt")
     checkpoint = _checkpoint(1, 1.0)
-    with BackgroundCommits(store) as commits:
+    with BackgroundCommits(store, inline_below=0.0) as commits:
         commits.commit(checkpoint)
         checkpoint.global_arrays["w"][:] = 99.0  # the next round changes the live arrays
         checkpoint.strategy_arrays["m"][:] = 99.0
@@ -274,7 +284,7 @@ def test_a_background_commit_copies_the_state_when_it_is_called(tmp_path):
 def test_a_failed_background_write_is_raised_by_the_next_commit_and_by_close(tmp_path):
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("a file where the checkpoint folder should be")
-    commits = BackgroundCommits(CheckpointStore(blocked))
+    commits = BackgroundCommits(CheckpointStore(blocked), inline_below=0.0)
     commits.commit(_checkpoint(0, 0.0))
     with pytest.raises(OSError):
         commits.commit(_checkpoint(1, 1.0))  # raises round 0's failure; round 1 is not sent
@@ -282,3 +292,50 @@ def test_a_failed_background_write_is_raised_by_the_next_commit_and_by_close(tmp
     with pytest.raises(OSError):
         commits.close()
     assert blocked.read_text() == "a file where the checkpoint folder should be", "nothing lost"
+
+
+def test_a_failed_inline_write_is_raised_by_its_own_commit(tmp_path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the checkpoint folder should be")
+    commits = BackgroundCommits(CheckpointStore(blocked), inline_below=60.0)
+    with pytest.raises(OSError):
+        commits.commit(_checkpoint(0, 0.0))
+    commits.close()
+    assert blocked.read_text() == "a file where the checkpoint folder should be", "nothing lost"
+
+
+class _TimedStore(CheckpointStore):
+    """A store whose writes take ``seconds`` and record which thread wrote each round."""
+
+    def __init__(self, folder: Path, seconds: float):
+        super().__init__(folder)
+        self.seconds = seconds
+        self.writers: dict[int, str] = {}
+
+    def write(self, encoded: EncodedCheckpoint) -> None:
+        time.sleep(self.seconds)
+        super().write(encoded)
+        self.writers[encoded.round] = threading.current_thread().name
+
+
+def test_slow_writes_move_to_the_writer_thread_and_are_probed_inline_again(tmp_path):
+    store = _TimedStore(tmp_path / "ckpt", seconds=2 * INLINE_WRITE_SECONDS)
+    rounds = PROBE_EVERY + 2
+    with BackgroundCommits(store) as commits:
+        for server_round in range(rounds):
+            commits.commit(_checkpoint(server_round, server_round))
+    main = threading.main_thread().name
+    inline = [r for r in range(rounds) if store.writers[r] == main]
+    # The first write shows the disk is slow; the probe at commit PROBE_EVERY confirms it.
+    assert inline == [0, PROBE_EVERY]
+    assert all(store.writers[r].startswith("fedscale-checkpoint") for r in range(1, PROBE_EVERY))
+    assert store.load_latest().round == rounds - 1
+
+
+def test_quick_writes_stay_on_the_callers_thread(tmp_path):
+    store = _TimedStore(tmp_path / "ckpt", seconds=0.0)
+    with BackgroundCommits(store, inline_below=60.0) as commits:
+        for server_round in range(3):
+            commits.commit(_checkpoint(server_round, server_round))
+    assert set(store.writers.values()) == {threading.main_thread().name}
+    assert store.load_latest().round == 2
