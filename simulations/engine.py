@@ -21,7 +21,7 @@ from ._flower import (
     server_task_identity,
 )
 from .grid import BatchDelivery, GridStats, InProcessGrid, NodeConfigFn
-from .workers import AUTO, Workers, resolve_workers, worker_delivery
+from .workers import AUTO, Workers, native_threads, resolve_workers, worker_delivery
 
 if TYPE_CHECKING:
     from .system import SimulatedSystem
@@ -59,9 +59,11 @@ def run_in_process(
 
     Clients train one after another, and a small client's minibatches are too
     small for torch's intra-op threads to pay: ``torch_threads`` (1 by default;
-    ``None`` leaves torch's setting alone) caps them for the run. Measured on two
-    cores, torch's default of one thread per core made 1,000-client rounds of a
-    small MLP 5-8x slower, and was no faster for a small LSTM or CNN.
+    ``None`` leaves torch's and the native pools' settings alone) caps them, and
+    numpy's BLAS and OpenMP pools, for the run. Measured on two cores, torch's
+    default of one thread per core made 1,000-client rounds of a small MLP 5-8x
+    slower, and was no faster for a small LSTM or CNN; OpenBLAS's idle thread
+    spun on the second core through synthetic rounds.
 
     ``fast_path`` (on by default) trains each round's cohort of train messages
     for fedscale's own ClientApp at once when its model allows it (see
@@ -146,16 +148,24 @@ def _frozen_heap() -> Iterator[None]:
 
 @contextmanager
 def _torch_threads(count: int | None) -> Iterator[None]:
-    """Cap torch's intra-op threads meanwhile, if torch is loaded; restore them after."""
-    torch = sys.modules.get("torch")  # apps that train have imported it by now
-    if count is None or torch is None:
+    """Cap torch's intra-op threads, and native pools, meanwhile; restore them after.
+
+    The native pools (numpy's OpenBLAS, OpenMP) get the same cap
+    (:func:`.workers.native_threads`): their idle threads spin on a core the
+    run's other processes, or nothing, should have.
+    """
+    if count is None:
         yield
         return
     if count < 1:
         raise ValueError(f"torch_threads: expected an integer >= 1 or None, got {count}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
+    torch = sys.modules.get("torch")  # apps that train have imported it by now
+    previous = None if torch is None else torch.get_num_threads()
+    if torch is not None:
+        torch.set_num_threads(count)
     try:
-        yield
+        with native_threads(count):
+            yield
     finally:
-        torch.set_num_threads(previous)
+        if torch is not None and previous is not None:
+            torch.set_num_threads(previous)

@@ -94,6 +94,7 @@ __all__ = [
     "AutoWorkers",
     "WorkerPool",
     "Workers",
+    "native_threads",
     "resolve_workers",
     "worker_delivery",
     "worker_pool",
@@ -166,7 +167,7 @@ def worker_pool(client_app: ClientApp, workers: int) -> Iterator[WorkerPool | No
         )
         yield None
         return
-    with _one_native_thread():
+    with native_threads(1):
         pool = WorkerPool(client_app, count)
         try:
             yield pool
@@ -290,20 +291,22 @@ def _wire_seconds(grid: InProcessGrid, message: Message, reply: Message) -> floa
 
 
 @contextmanager
-def _one_native_thread() -> Iterator[None]:
-    """Cap native thread pools (OpenBLAS, MKL, OpenMP) at one thread meanwhile.
+def native_threads(count: int) -> Iterator[None]:
+    """Cap native thread pools (OpenBLAS, MKL, OpenMP) at ``count`` threads meanwhile.
 
-    Workers inherit the cap. Without it each worker's numpy spins up a BLAS
-    thread per core: measured on two cores, two workers generating synthetic
-    clients then ran each call 1.8x slower than one process did, and never paid.
+    Forked workers inherit the cap. Without it numpy's OpenBLAS runs a thread per
+    core, which spins between the small products a simulated client computes
+    (synthetic clients' data): measured on two cores, one process then kept both
+    busy (30 s of CPU in 16 s) for the same rounds, and two workers ran each call
+    1.8x slower than one process did.
     """
     try:
         from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
     except ImportError:  # scikit-learn's dependency; without it, pools keep their size
-        log.warning("threadpoolctl is not installed: worker processes may oversubscribe cores")
+        log.warning("threadpoolctl is not installed: native thread pools keep their size")
         yield
         return
-    with threadpool_limits(limits=1):
+    with threadpool_limits(limits=count):
         yield
 
 

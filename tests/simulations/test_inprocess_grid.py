@@ -102,3 +102,23 @@ def test_the_cli_runs_a_third_party_app(tmp_path):
     assert result.exit_code == 0, result.output
     assert len(plain.OBSERVED["rounds"]) == 2
     assert all(len(_ok(r["replies"])) == 3 for r in plain.OBSERVED["rounds"])
+
+
+def test_the_runs_thread_cap_covers_torch_and_native_pools_and_is_undone():
+    import torch
+    from threadpoolctl import threadpool_info
+
+    from fedscale.simulations.engine import _torch_threads
+
+    def pools() -> dict[str, int]:
+        return {p["internal_api"]: p["num_threads"] for p in threadpool_info()}
+
+    before_torch, before_pools = torch.get_num_threads(), pools()
+    with _torch_threads(1):
+        assert torch.get_num_threads() == 1
+        assert pools() and all(n == 1 for n in pools().values()), pools()
+    assert torch.get_num_threads() == before_torch
+    assert pools() == before_pools
+    with pytest.raises(ValueError, match="expected an integer >= 1 or None, got 0"):
+        with _torch_threads(0):
+            pass
