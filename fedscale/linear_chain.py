@@ -23,7 +23,7 @@ bookkeeping, not arithmetic, is most of a step. Neither ``torch.func`` nor
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -239,15 +239,23 @@ def train_chain(
     sizes = [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
     steps = 0
     for _ in range(epochs):
-        order = torch.randperm(n, generator=generator).to(inputs.device)
-        xs, onehots = x_all[order], onehot_all[order]
-        batches = zip(
-            sizes,
-            torch.split(xs, batch_size),
-            torch.split(onehots, batch_size),
-            torch.split(log_p_all, batch_size),
-            strict=True,
-        )
+        if n > 1:
+            order = torch.randperm(n, generator=generator).to(inputs.device)
+            xs, onehots = x_all[order], onehot_all[order]
+        else:  # a one-sample client's every shuffle is [0]
+            xs, onehots = x_all, onehot_all
+        if n <= batch_size:  # one batch: most small clients' only step
+            batches: Iterable[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = [
+                (n, xs, onehots, log_p_all)
+            ]
+        else:
+            batches = zip(
+                sizes,
+                torch.split(xs, batch_size),
+                torch.split(onehots, batch_size),
+                torch.split(log_p_all, batch_size),
+                strict=True,
+            )
         for size, h, onehot, log_p in batches:
             hidden = views.get(size)
             if hidden is None:
@@ -280,7 +288,8 @@ def train_chain(
                     mats[k].add_(pull, alpha=-lr * proximal_mu)
                 grad = below
             steps += 1
-        loss = -float(torch.dot(log_p_all.view(-1).double(), onehots.view(-1).double()))
+        # The one-hot product picks each sample's log p(target) exactly; summed in float64.
+        loss = -float(torch.mul(log_p_all, onehots).sum(dtype=torch.float64))
     for layer, mat in zip(layers, mats, strict=True):
         width = layer.weight.shape[1]
         layer.weight.copy_(mat[:, :width])

@@ -117,6 +117,26 @@ def test_train_on_a_chain_matches_torch_sgd_on_autograd(model_name):
     assert all(not torch.equal(v, start[k]) for k, v in ours.state_dict().items())
 
 
+# One sample (no shuffle to draw), one partial batch, exactly one full batch: the
+# shapes of most clients of a digits federation, each a shortcut of train_chain.
+@pytest.mark.parametrize("size", [1, 5, 16])
+def test_small_clients_on_a_chain_match_torch_sgd_on_autograd(size):
+    ds = load_dataset("digits", seed=0, test_fraction=0.2)
+    x, y = ds.x_train[:size], ds.y_train[:size]
+    ours, reference = (build_model("mlp", ds.sample_shape, ds.num_classes, seed=5) for _ in "ab")
+    result = train(ours, x, y, epochs=3, batch_size=16, lr=0.05, device=CPU, seed=8)
+    expected_loss = _autograd_reference(reference, x, y, epochs=3, batch=16, lr=0.05, seed=8)
+    assert (result.steps, result.num_examples) == (3, size)
+    assert result.loss == pytest.approx(expected_loss, rel=1e-5)
+    for (name, got), expected in zip(
+        ours.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=name)
+        assert not torch.equal(
+            got, build_model("mlp", ds.sample_shape, 10, seed=5).state_dict()[name]
+        )
+
+
 def test_the_proximal_term_on_a_chain_with_and_without_biases_matches_autograd():
     ds = load_dataset("digits", seed=0, test_fraction=0.2)
     x, y = ds.x_train[:150], ds.y_train[:150]
