@@ -9,18 +9,19 @@ the ServerApp; workers only call the ClientApp.
 
 Each ``pull_messages`` batch of two or more messages is split into small
 contiguous chunks handed out as workers finish the previous ones (two chunks in
-flight each), which balances clients of uneven cost without knowing their data
-sizes, and the replies are returned in the order asked for, so the strategy
-aggregates in the same order as with one process. The parent trains nothing
-itself: measured on two cores, letting it train a share (one worker fewer) was
-slower on synthetic clients (480 against 536 client updates a second at 100 a
-round) and no help on digits. Native thread pools (OpenBLAS, OpenMP) are capped
-at one thread for the pool's life: a worker's numpy otherwise starts a spinning
-BLAS thread per core, and two workers then ran each call 1.8x slower. Flower's semantics are those
-of the one-process grid: each node gets its own copy of the content, a reply
-answers its message's id and gets an id of its own, a ClientApp that raises
-yields an error reply (code 2) and its edits to the node's state are discarded,
-and a successful call's ``Context`` (state included) comes back and is kept.
+flight each, chunks that shrink as the batch runs out), which balances clients
+of uneven cost without knowing their data sizes, and the replies are returned in
+the order asked for, so the strategy aggregates in the same order as with one
+process. The parent trains nothing itself: measured on two cores, letting it
+train a share (one worker fewer) was slower on synthetic clients (480 against
+536 client updates a second at 100 a round) and no help on digits. Native thread
+pools (OpenBLAS, OpenMP) are capped at one thread for the pool's life: a
+worker's numpy otherwise starts a spinning BLAS thread per core, and two workers
+then ran each call 1.8x slower. Flower's semantics are those of the one-process
+grid: each node gets its own copy of the content, a reply answers its message's
+id and gets an id of its own, a ClientApp that raises yields an error reply
+(code 2) and its edits to the node's state are discarded, and a successful
+call's ``Context`` (state included) comes back and is kept.
 
 What crosses the process boundary is Flower's own wire form (its protobuf serde,
 through :mod:`._flower`), never a pickle: per message its metadata and the node's
@@ -124,6 +125,17 @@ _WHOLE = 0
 # Chunks are at most this many messages, and each worker has two in flight.
 _MAX_CHUNK = 32
 _IN_FLIGHT_CHUNKS = 2
+
+
+def _chunk_size(remaining: int, workers: int) -> int:
+    """Messages in the next chunk: a quarter of a fair share of what is left.
+
+    Chunks shrink as the batch runs out (guided self-scheduling), and so does a
+    worker's queue (two chunks), so that the workers finish together: at the end
+    of a round of heavy-tailed clients, one worker's full queue would otherwise
+    leave the other core idle.
+    """
+    return max(1, min(_MAX_CHUNK, math.ceil(remaining / (4 * workers))))
 # Seconds a worker has to leave after being asked, and after SIGTERM.
 _STOP_GRACE_S = 2.0
 
@@ -385,7 +397,6 @@ class WorkerPool:
         if not todo:
             return replies
         batch = _Batch(grid, replies, self._keys)
-        chunk = max(1, min(_MAX_CHUNK, math.ceil(len(todo) / (4 * len(self._workers)))))
         run_config = grid.run_config
         for worker in self._workers:
             if worker.known:
@@ -398,7 +409,10 @@ class WorkerPool:
                     worker.run_config = run_config
         while True:
             for i, worker in enumerate(self._workers):
-                while todo and len(worker.in_flight) < chunk * _IN_FLIGHT_CHUNKS:
+                while todo:
+                    chunk = _chunk_size(len(todo), len(self._workers))
+                    if len(worker.in_flight) >= chunk * _IN_FLIGHT_CHUNKS:
+                        break
                     if not self._send_chunk(worker, todo, chunk, batch):
                         self._replace(i, todo, batch)
                         break

@@ -20,7 +20,7 @@ from fedscale.exceptions import ConfigError
 from fedscale.simulations import simulate
 from fedscale.simulations._flower import FIRST_CLIENT_NODE_ID
 from fedscale.simulations.engine import run_in_process
-from fedscale.simulations.workers import AutoWorkers, resolve_workers
+from fedscale.simulations.workers import AutoWorkers, _chunk_size, resolve_workers
 from tests.simulations import plain_flower_app as plain
 
 pytestmark = [
@@ -246,6 +246,18 @@ def test_a_worker_killed_mid_call_fails_that_message_and_the_run_goes_on(tmp_pat
     pids = _serving_pids() | {dead}
     assert len(pids) == 3 and os.getpid() not in pids
     assert all(_gone(pid) for pid in pids)
+
+
+def test_chunks_shrink_as_a_batch_runs_out_so_workers_finish_together():
+    # A fair share's quarter, at most _MAX_CHUNK, at least one.
+    assert [_chunk_size(n, 2) for n in (1000, 256, 100, 40, 9, 8, 1)] == [32, 32, 13, 5, 2, 1, 1]
+    assert _chunk_size(1000, 16) == 16
+    # Handing out a round chunk by chunk ends in single messages, never a full queue.
+    left, sizes = 1000, []
+    while left:
+        sizes.append(_chunk_size(left, 2))
+        left -= sizes[-1]
+    assert sizes[0] == 32 and sizes[-5:] == [1] * 5 and sizes == sorted(sizes, reverse=True)
 
 
 def test_workers_count_is_checked():
