@@ -18,7 +18,7 @@ One run measures (issue 4's scaling report):
    Flower's Ray engine; (c) ``general``: fedscale's in-process engine, one
    ClientApp call per message (``fast_path=False``), with its default
    ``workers="auto"`` (worker processes on every core once a client's call costs
-   5x or more its message's wire form: on synthetic, not on digits); (d) ``fast``: the same engine
+   8x or more its message's wire form: on synthetic, not on digits); (d) ``fast``: the same engine
    training each round's cohort at once (``fast_path=True``). The fedscale variants
    run with ``export-onnx = false``, so every variant does training only.
 

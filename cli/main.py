@@ -309,7 +309,7 @@ def simulate(
         str,
         typer.Option(
             help="In-process engine: worker processes for the clients trained one by one "
-            "(same results). auto: one per CPU core once a client's call costs 5x its wire form; "
+            "(same results). auto: one per CPU core once a client's call costs 8x its wire form; "
             "N: that many (1: this process alone; 0: one per core).",
         ),
     ] = "auto",

@@ -68,7 +68,7 @@ def simulate(
     :mod:`fedscale.simulations.cohort_delivery`); ``False`` trains them one by one.
     ``workers`` (in-process engine) runs the clients the fast path leaves in
     worker processes, with the same results: ``auto`` (the default) one per CPU
-    core once a client's call costs 5x or more its message's wire form, a count that
+    core once a client's call costs 8x or more its message's wire form, a count that
     many (1: this process alone, 0: one per core); see
     :mod:`fedscale.simulations.workers`.
     """

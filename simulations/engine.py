@@ -74,7 +74,7 @@ def run_in_process(
     ``workers`` forks worker processes to call the ClientApp for the messages
     the fast path leaves, with the same results (see :mod:`.workers`): ``auto``
     (the default) one per CPU core once a batch shows they pay (clients that
-    cost 5x or more their messages' wire form), a count that many once the apps are
+    cost 8x or more their messages' wire form), a count that many once the apps are
     loaded (1: this process alone; 0: one per core). The grid, the nodes'
     contexts and the simulated system stay in this process.
     """

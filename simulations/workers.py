@@ -136,6 +136,8 @@ def _chunk_size(remaining: int, workers: int) -> int:
     leave the other core idle.
     """
     return max(1, min(_MAX_CHUNK, math.ceil(remaining / (4 * workers))))
+
+
 # Seconds a worker has to leave after being asked, and after SIGTERM.
 _STOP_GRACE_S = 2.0
 
@@ -217,8 +219,12 @@ class AutoWorkers:
     half of the wire form: about C + 2W of CPU a message instead of C. On two
     cores that pays at best 2C / (C + 2W), less the pipes' latency: measured,
     1.5x for synthetic clients (C/W about 7; 1.7x at 10-15, before training got
-    cheaper) and 0.9x for digits clients (C/W 2.5-4, where that bound says
-    1.15-1.33x). So each batch's first :data:`PROBE` messages are delivered here,
+    cheaper) and 0.85x for digits clients (C/W 2.5-4, where that bound says
+    1.15-1.33x). Since replies decode faster (:mod:`._flower`), W is smaller and
+    the ratios larger: measured on 2026-11-27, digits 2.8-5.7, synthetic 10-12.
+    The threshold sits nearer synthetic's: a batch that falls short is probed
+    again next round, while tiny clients get a chance to tip over every round.
+    So each batch's first :data:`PROBE` messages are delivered here,
     each call timed, and W is timed on the last of them (:func:`_wire_seconds`);
     once the mean call, less the slowest (a run's first call also builds the
     model and loads the data), is at least :data:`MIN_CALL_TO_WIRE` times W
@@ -233,7 +239,7 @@ class AutoWorkers:
     """
 
     PROBE = 8
-    MIN_CALL_TO_WIRE = 5.0
+    MIN_CALL_TO_WIRE = 8.0
     MIN_SHARE = 4
 
     def __init__(self, client_app: ClientApp, count: int) -> None:
