@@ -59,7 +59,7 @@ LATEST = "latest.json"
 KEEP_STATES = 2  # state files kept: the latest, and one before it in case of a bad disk
 _TORCH_RNG = "rng/torch"
 # BackgroundCommits: writes quicker than this stay on the round's thread; while they
-# are slower, every PROBE_EVERY-th is still timed there.
+# are slower, commits numbered a multiple of PROBE_EVERY are still timed there.
 INLINE_WRITE_SECONDS = 0.005
 PROBE_EVERY = 32
 
@@ -324,9 +324,9 @@ class BackgroundCommits:
     the GIL back from the round's Python, and on a small simulated round those
     hand-offs cost more than a fast disk's write (measured on 2 cores: rounds of
     100 digits clients 21 ms with writes inline, 27 ms with the thread; the
-    write itself 1.5 ms). While writes go to the thread, every
-    :data:`PROBE_EVERY`-th commit is written inline again to see whether the disk
-    got faster.
+    write itself 1.5 ms). While writes go to the thread, a commit whose number
+    (counting from the run's first, 0) is a multiple of :data:`PROBE_EVERY` is
+    written inline again to see whether the disk got faster.
 
     A background write's error is raised by the next :meth:`commit`, or by
     :meth:`close`, which first wait for the write in flight (one at most); an

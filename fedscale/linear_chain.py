@@ -288,8 +288,11 @@ def train_chain(
                     mats[k].add_(pull, alpha=-lr * proximal_mu)
                 grad = below
             steps += 1
-        # The one-hot product picks each sample's log p(target) exactly; summed in float64.
-        loss = -float(torch.mul(log_p_all, onehots).sum(dtype=torch.float64))
+    if steps:
+        # The last epoch's: the one-hot product picks each sample's log p(target)
+        # exactly, summed in float64 (float32 on Apple's MPS, which has no float64).
+        total = torch.float32 if log_p_all.device.type == "mps" else torch.float64
+        loss = -float(torch.mul(log_p_all, onehots).sum(dtype=total))
     for layer, mat in zip(layers, mats, strict=True):
         width = layer.weight.shape[1]
         layer.weight.copy_(mat[:, :width])

@@ -55,7 +55,8 @@ def stacked_to_arrays(stacked: Mapping[str, torch.Tensor]) -> list[ArrayRecord]:
 
     Record ``i`` equals ``state_dict_to_arrays({k: t[i] for k, t in stacked.items()})``
     (tests/fedscale/test_records.py checks it), built from one host copy of each
-    stack: a cohort's replies, without a per-client pass through numpy.
+    stack: a cohort's replies, without a per-client pass through numpy. With no
+    tensors there are no rows to count: the result is empty.
     """
     _check_tensors(stacked)
     rows: int | None = None

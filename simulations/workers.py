@@ -312,19 +312,24 @@ def _wire_seconds(grid: InProcessGrid, message: Message, reply: Message) -> floa
 def native_threads(count: int) -> Iterator[None]:
     """Cap native thread pools (OpenBLAS, MKL, OpenMP) at ``count`` threads meanwhile.
 
-    Forked workers inherit the cap. Without it numpy's OpenBLAS runs a thread per
-    core, which spins between the small products a simulated client computes
-    (synthetic clients' data): measured on two cores, one process then kept both
-    busy (30 s of CPU in 16 s) for the same rounds, and two workers ran each call
-    1.8x slower than one process did.
+    A pool already smaller (``OPENBLAS_NUM_THREADS=1``) keeps its size: a cap
+    never adds threads. Forked workers inherit the cap. Without it numpy's
+    OpenBLAS runs a thread per core, which spins between the small products a
+    simulated client computes (synthetic clients' data): measured on two cores,
+    one process then kept both busy (30 s of CPU in 16 s) for the same rounds,
+    and two workers ran each call 1.8x slower than one process did.
     """
     try:
-        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+        from threadpoolctl import (  # type: ignore[import-untyped]
+            threadpool_info,
+            threadpool_limits,
+        )
     except ImportError:  # scikit-learn's dependency; without it, pools keep their size
         log.warning("threadpoolctl is not installed: native thread pools keep their size")
         yield
         return
-    with threadpool_limits(limits=count):
+    limits = {pool["prefix"]: min(count, pool["num_threads"]) for pool in threadpool_info()}
+    with threadpool_limits(limits=limits):
         yield
 
 

@@ -118,15 +118,17 @@ def test_train_on_a_chain_matches_torch_sgd_on_autograd(model_name):
 
 
 # One sample (no shuffle to draw), one partial batch, exactly one full batch: the
-# shapes of most clients of a digits federation, each a shortcut of train_chain.
-@pytest.mark.parametrize("size", [1, 5, 16])
-def test_small_clients_on_a_chain_match_torch_sgd_on_autograd(size):
+# shapes of most clients of a digits federation, each a shortcut of train_chain;
+# and two full batches (no partial one). With and without the proximal term.
+@pytest.mark.parametrize("mu", [0.0, 0.5])
+@pytest.mark.parametrize("size", [1, 5, 16, 32])
+def test_small_clients_on_a_chain_match_torch_sgd_on_autograd(size, mu):
     ds = load_dataset("digits", seed=0, test_fraction=0.2)
     x, y = ds.x_train[:size], ds.y_train[:size]
     ours, reference = (build_model("mlp", ds.sample_shape, ds.num_classes, seed=5) for _ in "ab")
-    result = train(ours, x, y, epochs=3, batch_size=16, lr=0.05, device=CPU, seed=8)
-    expected_loss = _autograd_reference(reference, x, y, epochs=3, batch=16, lr=0.05, seed=8)
-    assert (result.steps, result.num_examples) == (3, size)
+    result = train(ours, x, y, epochs=3, batch_size=16, lr=0.05, device=CPU, seed=8, proximal_mu=mu)
+    expected_loss = _autograd_reference(reference, x, y, epochs=3, batch=16, lr=0.05, seed=8, mu=mu)
+    assert (result.steps, result.num_examples) == (3 * -(-size // 16), size)
     assert result.loss == pytest.approx(expected_loss, rel=1e-5)
     for (name, got), expected in zip(
         ours.state_dict().items(), reference.state_dict().values(), strict=True

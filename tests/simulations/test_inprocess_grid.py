@@ -119,6 +119,14 @@ def test_the_runs_thread_cap_covers_torch_and_native_pools_and_is_undone():
         assert pools() and all(n == 1 for n in pools().values()), pools()
     assert torch.get_num_threads() == before_torch
     assert pools() == before_pools
+    # A cap never adds threads: BLAS already at one stays at one under a larger cap
+    # (OpenMP is torch's own pool: torch_threads sets it).
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"), _torch_threads(64):
+        blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+        assert blas and all(n == 1 for n in blas), blas
+    assert pools() == before_pools
     with pytest.raises(ValueError, match="expected an integer >= 1 or None, got 0"):
         with _torch_threads(0):
             pass

@@ -339,3 +339,36 @@ def test_quick_writes_stay_on_the_callers_thread(tmp_path):
             commits.commit(_checkpoint(server_round, server_round))
     assert set(store.writers.values()) == {threading.main_thread().name}
     assert store.load_latest().round == 2
+
+
+def test_a_disk_that_got_quick_again_is_written_inline_from_the_next_probe(tmp_path):
+    store = _TimedStore(tmp_path / "ckpt", seconds=2 * INLINE_WRITE_SECONDS)
+    with BackgroundCommits(store) as commits:
+        for server_round in range(PROBE_EVERY + 4):
+            if server_round == 5:
+                store.seconds = 0.0  # the disk is quick from now on
+            commits.commit(_checkpoint(server_round, server_round))
+    main = threading.main_thread().name
+    inline = [r for r in sorted(store.writers) if store.writers[r] == main]
+    # Slow at commit 0; the probe at PROBE_EVERY finds it quick, and it stays inline.
+    assert inline == [0, *range(PROBE_EVERY, PROBE_EVERY + 4)]
+    assert store.load_latest().round == PROBE_EVERY + 3
+
+
+class _FailingStore(_TimedStore):
+    def write(self, encoded: EncodedCheckpoint) -> None:
+        if encoded.round == PROBE_EVERY - 1:
+            raise OSError("disk gone")
+        super().write(encoded)
+
+
+def test_a_background_failure_is_raised_by_the_probe_commit_before_it_writes(tmp_path):
+    store = _FailingStore(tmp_path / "ckpt", seconds=2 * INLINE_WRITE_SECONDS)
+    commits = BackgroundCommits(store)
+    for server_round in range(PROBE_EVERY):
+        commits.commit(_checkpoint(server_round, server_round))  # the last one fails, unseen
+    with pytest.raises(OSError, match="disk gone"):
+        commits.commit(_checkpoint(PROBE_EVERY, PROBE_EVERY))  # a probe: inline, after the wait
+    commits.close()
+    assert PROBE_EVERY not in store.writers, "the failed round's successor was not written"
+    assert store.load_latest().round == PROBE_EVERY - 2, "nothing past the failure committed"
