@@ -24,6 +24,7 @@ from .codec import decode, dtype_name, encode, npy_header
 from .exceptions import RecordError
 
 __all__ = [
+    "array_from_fields",
     "arrays_to_state_dict",
     "conform_dtypes",
     "load_arrays_into",
@@ -73,30 +74,25 @@ def stacked_to_arrays(stacked: Mapping[str, torch.Tensor]) -> list[ArrayRecord]:
     # the header np.save writes for a row; other stacks encode row by row (a row
     # that is not C-ordered may be saved in Fortran order, as state_dict_to_arrays
     # would save it).
-    columns: list[tuple[str, npt.NDArray[Any], bytes, memoryview | None, int]] = []
+    columns: list[tuple[str, npt.NDArray[Any], str, bytes, memoryview | None, int]] = []
     for key, array in zip(stacked, arrays, strict=True):
         shape = tuple(array.shape[1:])
         if array.flags.c_contiguous and not array.dtype.hasobject:
             flat = memoryview(array.reshape(-1)).cast("B")  # type: ignore[arg-type]
-            columns.append((key, array, npy_header(array.dtype, shape), flat, array[:1].nbytes))
+            header = npy_header(array.dtype, shape)
+            columns.append((key, array, dtype_name(array.dtype), header, flat, array[:1].nbytes))
         else:
-            columns.append((key, array, b"", None, 0))
+            columns.append((key, array, "", b"", None, 0))
     records = []
     for i in range(rows or 0):
         record = ArrayRecord()
         items = record.__dict__["_data"]
-        for key, array, header, row_bytes, size in columns:
+        for key, array, dtype, header, row_bytes, size in columns:
             if row_bytes is None:
                 items[key] = _array(array[i])
-                continue
-            out: Array = object.__new__(Array)
-            out.__dict__.update(
-                dtype=dtype_name(array.dtype),
-                shape=array.shape[1:],
-                stype=SType.NUMPY,
-                data=header + row_bytes[i * size : (i + 1) * size],
-            )
-            items[key] = out
+            else:
+                data = header + row_bytes[i * size : (i + 1) * size]
+                items[key] = array_from_fields(dtype, array.shape[1:], SType.NUMPY, data)
         records.append(record)
     return records
 
@@ -138,18 +134,22 @@ def train_reply_content(arrays: ArrayRecord, num_examples: int, loss: float) -> 
 
 
 def _array(array: npt.NDArray[Any]) -> Array:
-    # The same object as Array(dtype=..., shape=..., stype=..., data=...) and an
-    # ArrayRecord filled through its checked __setitem__, built without the
-    # argument parsing and per-item checks that cost more than a small model's
-    # encoding; the inputs are a state dict's str keys and numpy arrays.
-    # tests/fedscale/test_records.py compares it with the public constructors.
-    out: Array = object.__new__(Array)
-    out.__dict__.update(
-        dtype=dtype_name(array.dtype),
-        shape=tuple(array.shape),
-        stype=SType.NUMPY,
-        data=encode(array),
+    return array_from_fields(
+        dtype_name(array.dtype), tuple(array.shape), SType.NUMPY, encode(array)
     )
+
+
+def array_from_fields(dtype: str, shape: tuple[int, ...], stype: str, data: bytes) -> Array:
+    """Return ``Array(dtype=dtype, shape=shape, stype=stype, data=data)``, unchecked.
+
+    The same object, built without the argument parsing and per-field checks
+    that cost more than a small model's encoding; for fields known to be right
+    (encoded here, or read from Flower's own wire form).
+    tests/fedscale/test_records.py and tests/simulations/test_flower_adapter.py
+    compare the results with Flower's constructors and serde.
+    """
+    out: Array = object.__new__(Array)
+    out.__dict__.update(dtype=dtype, shape=shape, stype=stype, data=data)
     return out
 
 

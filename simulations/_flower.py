@@ -50,6 +50,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from numpy.typing import NDArray
 
 from fedscale.codec import decode, dtype_name, encode
+from fedscale.records import array_from_fields
 
 __all__ = [
     "CLIENT_APP_CRASHED",
@@ -363,11 +364,9 @@ def _array_record_from_proto(proto: Any) -> ArrayRecord:
     items = record.__dict__["_data"]
     for item in proto.items:
         value = item.value
-        array: Array = object.__new__(Array)
-        array.__dict__.update(
-            dtype=value.dtype, shape=tuple(value.shape), stype=value.stype, data=value.data
+        items[item.key] = array_from_fields(
+            value.dtype, tuple(value.shape), value.stype, value.data
         )
-        items[item.key] = array
     return record
 
 
