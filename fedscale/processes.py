@@ -7,6 +7,7 @@ that :func:`stop` ends by the leader's PID.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -14,6 +15,8 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -58,6 +61,54 @@ def _first_ephemeral_port() -> int:
         return 32768  # Linux's default
 
 
+_RESERVATION_SECONDS = 300.0  # long enough for any process to bind what it was given
+_SWEEP_ABOVE = 1024  # reservations kept before expired ones are removed
+
+
+def _reservations() -> Path | None:
+    user = getattr(os, "getuid", lambda: "")()
+    folder = Path(tempfile.gettempdir()) / f"fedscale-ports-{user}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+    except OSError:
+        return None  # no shared folder: ports are then only checked by binding them
+    return folder
+
+
+def _reserve(folder: Path | None, port: int) -> bool:
+    """Claim ``port`` for this caller among every process of this user on this host."""
+    if folder is None:
+        return True
+    path = folder / str(port)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        return True
+    except FileExistsError:
+        pass
+    try:  # an expired reservation is taken over; os.replace keeps that atomic
+        if time.time() - path.stat().st_mtime < _RESERVATION_SECONDS:
+            return False
+        claim = folder / f".{port}.{os.getpid()}.{threading.get_ident()}"
+        claim.touch()
+        os.replace(claim, path)
+        return True
+    except OSError:
+        return False
+
+
+def _sweep(folder: Path | None) -> None:
+    if folder is None:
+        return
+    names = os.listdir(folder)
+    if len(names) <= _SWEEP_ABOVE:
+        return
+    now = time.time()
+    for name in names:
+        with contextlib.suppress(OSError):
+            if now - (folder / name).stat().st_mtime >= _RESERVATION_SECONDS:
+                (folder / name).unlink()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """Return a TCP port that was free on ``host`` a moment ago.
 
@@ -67,21 +118,39 @@ def free_port(host: str = "127.0.0.1") -> int:
     was chosen for binds it. A random pick below the range is only ever taken
     by another deliberate pick. The picks start above Ray's default worker
     ports (10002-19999), which a running Ray hands to its workers.
+
+    A port handed out in the last five minutes, by this process or another of
+    the same user, is not handed out again (a file per port in the temp folder
+    marks it): callers usually pick several ports before starting anything, and
+    a port nobody has bound yet still looks free. Without this, two random
+    picks among 12,000 ports collide in a few of every thousand tests.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     low = _first_ephemeral_port()
     candidates = range(_FIRST_PICK, low) if low - _FIRST_PICK >= 1024 else range(0)
     rng = random.SystemRandom()
-    for port in (rng.choice(candidates) for _ in range(_PORT_TRIES if candidates else 0)):
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue
+    folder = _reservations()
+    _sweep(folder)
+    for _ in range(_PORT_TRIES if candidates else 0):
+        port = rng.choice(candidates)
+        if _bindable(family, host, port) and _reserve(folder, port):
             return port
+    for _ in range(_PORT_TRIES):
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if _reserve(folder, port):
+            return port
+    raise LaunchError(f"free port: expected one on {host} in {2 * _PORT_TRIES} tries, found none")
+
+
+def _bindable(family: socket.AddressFamily, host: str, port: int) -> bool:
     with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def split_address(address: str, default_port: int | None = None) -> tuple[str, int]:

@@ -1,6 +1,8 @@
 """Process helpers: every process started is stopped, with what it started, by PID."""
 
+import random
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -90,6 +92,57 @@ def test_free_ports_come_from_below_the_ephemeral_range_and_can_be_bound():
     for port in ports:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))
+
+
+def test_free_port_never_hands_out_a_recent_port_again(monkeypatch):
+    # Every random draw lands on the same port: the second caller must get another
+    # one, because the first has not bound it yet and it still looks free.
+    import fedscale.processes as processes
+
+    first = free_port()
+
+    class SameDraw(random.SystemRandom):
+        def choice(self, seq):
+            return first
+
+    monkeypatch.setattr(processes.random, "SystemRandom", SameDraw)
+    second = free_port()
+    assert second != first
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", second))
+    many = [free_port() for _ in range(300)]
+    assert first not in many and second not in many and len(set(many)) == 300
+
+
+def test_another_process_is_not_handed_a_port_this_one_was_given():
+    # The deployment doc's test picks the server's ports, then starts edge clients
+    # that each pick their own: a pick in another process must avoid ours too.
+    ours = free_port()
+    script = (
+        "import random, fedscale.processes as p\n"
+        "class SameDraw(random.SystemRandom):\n"
+        f"    def choice(self, seq): return {ours}\n"
+        "p.random.SystemRandom = SameDraw\n"
+        "print(p.free_port())\n"
+    )
+    theirs = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert int(theirs.stdout) != ours
+
+
+def test_an_expired_reservation_is_taken_over(monkeypatch):
+    import fedscale.processes as processes
+
+    port = free_port()
+    monkeypatch.setattr(processes, "_RESERVATION_SECONDS", 0.0)
+
+    class SameDraw(random.SystemRandom):
+        def choice(self, seq):
+            return port
+
+    monkeypatch.setattr(processes.random, "SystemRandom", SameDraw)
+    assert free_port() == port
 
 
 def test_wait_for_port_sees_a_listener():
