@@ -141,7 +141,10 @@ def free_port(host: str = "127.0.0.1") -> int:
             port = int(sock.getsockname()[1])
         if _reserve(folder, port):
             return port
-    raise LaunchError(f"free port: expected one on {host} in {2 * _PORT_TRIES} tries, found none")
+    raise LaunchError(
+        f"free port: expected a bindable port on {host} that no process of this user "
+        f"was handed in the last {_RESERVATION_SECONDS:g} s, found none"
+    )
 
 
 def _bindable(family: socket.AddressFamily, host: str, port: int) -> bool:
